@@ -1,0 +1,1 @@
+"""A QEMU-integrated virtualization test lab for virtio storage."""
