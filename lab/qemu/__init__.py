@@ -1,0 +1,1 @@
+"""QEMU processes: accelerator choice, argv built from data, QMP, serial console, teardown."""

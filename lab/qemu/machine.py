@@ -1,0 +1,347 @@
+"""A QEMU guest built from data: config -> argv -> process -> ready guest -> stepwise teardown.
+
+Callers describe extra hardware as `Option`s (chardevs, objects, blockdevs, devices); the
+machine adds the fixed parts every lab guest has: shared memfd RAM (vhost-user needs it), PVH
+direct kernel boot, the read-only root disk, user networking with an SSH port forward, the
+serial console (socket + logfile) and QMP. Everything lands in the machine's workdir.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import fcntl
+import logging
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from images import READY_MARKER, ROOT_SERIAL, ImageInfo
+from lab.errors import LabError, TimeoutExpired
+from lab.guest.ssh import GuestSSH
+from lab.qemu import accel as accel_mod
+from lab.qemu import process
+from lab.qemu.console import Console, tail, wait_for_line
+from lab.qemu.qmp import QMP
+
+log = logging.getLogger(__name__)
+
+Value = str | int | bool | Path
+
+# Base timeouts in seconds, sized for KVM; multiplied by the accelerator's timeout_scale.
+QMP_UP_SECONDS = 10.0
+MARKER_SECONDS = 20.0
+SSH_AFTER_MARKER_SECONDS = 10.0
+QUIT_SECONDS = 5.0
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+_HOSTFWD_RETRIES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One QEMU option such as `-device virtio-blk-pci,drive=d0,serial=x`."""
+
+    flag: str  # "-device", "-object", "-chardev", "-blockdev", ...
+    head: str | None  # the leading positional value (driver, qom type, backend), if any
+    props: tuple[tuple[str, Value], ...] = ()
+
+    def argv(self) -> list[str]:
+        parts = [] if self.head is None else [_escape(self.head)]
+        parts += [f"{key}={_render(value)}" for key, value in self.props]
+        return [self.flag, ",".join(parts)]
+
+
+def _render(value: Value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _escape(str(value))
+
+
+def _escape(text: str) -> str:
+    # QEMU's option syntax doubles commas inside a value.
+    return text.replace(",", ",,")
+
+
+def option(
+    flag: str, head: str | None = None, props: Mapping[str, Value] | None = None, **kw: Value
+) -> Option:
+    """Any option; `props` takes keys that are not identifiers (e.g. "file.filename")."""
+    return Option(flag, head, tuple({**(props or {}), **kw}.items()))
+
+
+# Property names are QEMU's, verbatim: hyphenated ones ("num-queues") go in `props`.
+def device(driver: str, props: Mapping[str, Value] | None = None, **kw: Value) -> Option:
+    return option("-device", driver, props, **kw)
+
+
+def qom_object(qom_type: str, props: Mapping[str, Value] | None = None, **kw: Value) -> Option:
+    return option("-object", qom_type, props, **kw)
+
+
+def chardev(backend: str, props: Mapping[str, Value] | None = None, **kw: Value) -> Option:
+    return option("-chardev", backend, props, **kw)
+
+
+def virtio_blk_disk(
+    node: str, path: Path, serial: str, read_only: bool = False, fmt: str = "raw"
+) -> list[Option]:
+    """QEMU's built-in virtio-blk-pci on an image file (read-only is inherited by the file node)."""
+    blockdev = option(
+        "-blockdev",
+        None,
+        {
+            "driver": fmt,
+            "node-name": node,
+            "read-only": read_only,
+            "file.driver": "file",
+            "file.filename": path,
+        },
+    )
+    return [blockdev, device("virtio-blk-pci", drive=node, serial=serial)]
+
+
+def create_raw_image(path: Path, size_mib: int) -> Path:
+    """A sparse raw disk image (scratch disks for guest-side I/O)."""
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    return path
+
+
+@dataclasses.dataclass
+class MachineConfig:
+    name: str
+    image: ImageInfo
+    workdir: Path
+    mem_mib: int = 512
+    smp: int = 2
+    options: list[Option] = dataclasses.field(default_factory=list)
+    cmdline_extra: str = ""  # appended to the image's kernel command line (e.g. hugepages=64)
+    accel: accel_mod.Accel | None = None  # None: $LAB_ACCEL / probed
+    qemu: str = "qemu-system-x86_64"
+
+    def path(self, name: str) -> Path:
+        return Path(self.workdir) / name
+
+    def socket_path(self, name: str) -> Path:
+        path = self.path(name)
+        if len(str(path)) > _UNIX_PATH_MAX:
+            raise LabError(f"unix socket path longer than {_UNIX_PATH_MAX} bytes: {path}")
+        return path
+
+
+def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> list[str]:
+    """The complete QEMU command line for `config` (pure: no files or processes touched)."""
+    image = config.image
+    cmdline = " ".join(filter(None, [image.cmdline, config.cmdline_extra]))
+    fixed = [
+        qom_object("memory-backend-memfd", id="mem", size=f"{config.mem_mib}M", share=True),
+        chardev(
+            "socket",
+            id="console",
+            path=config.socket_path("console.sock"),
+            server=True,
+            wait=False,
+            logfile=config.path("console.log"),
+            logappend=True,
+        ),
+        chardev("socket", id="qmp", path=config.socket_path("qmp.sock"), server=True, wait=False),
+        option("-mon", chardev="qmp", mode="control"),
+        *virtio_blk_disk("root", image.rootfs, ROOT_SERIAL, read_only=True),
+        option("-netdev", "user", id="net0", hostfwd=f"tcp:127.0.0.1:{ssh_port}-:22"),
+        # romfile= : PVH boot never uses the NIC's boot ROM, so don't load it.
+        device("virtio-net-pci", netdev="net0", romfile=""),
+    ]
+    argv = [config.qemu, "-name", config.name, *accel.argv]
+    argv += ["-M", "q35,memory-backend=mem,smbus=off,sata=off", "-m", f"{config.mem_mib}M"]
+    argv += ["-smp", str(config.smp), "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-no-reboot", "-msg", "timestamp=on"]
+    argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
+    argv += ["-serial", "chardev:console"]
+    for opt in [*fixed, *config.options]:
+        argv += opt.argv()
+    return argv
+
+
+class PortLease:
+    """A free localhost TCP port for hostfwd, held against other lab processes by a flock.
+
+    The kernel hands out a free port; the lock file keeps parallel workers (pytest-xdist) that
+    got the same number before QEMU bound it from both using it.
+    """
+
+    def __init__(self) -> None:
+        lock_dir = Path(tempfile.gettempdir()) / "qemu-lab-ports"
+        lock_dir.mkdir(exist_ok=True)
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            lock = open(lock_dir / f"{port}.lock", "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            self.port, self._lock = port, lock
+            return
+
+    def release(self) -> None:
+        self._lock.close()
+
+
+class Machine:
+    """One QEMU process. `launch`, `wait_ready`, use `ssh`/`qmp`/`console()`, `shutdown`."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self.accel: accel_mod.Accel | None = config.accel
+        self.argv: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QMP | None = None
+        self._ssh: GuestSSH | None = None
+        self._port: PortLease | None = None
+        self._launched_at = 0.0
+        self.boot_seconds: float | None = None  # launch -> SSH answering
+        self.returncode: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def launch(self) -> Machine:
+        if self.proc is not None:
+            raise LabError(f"machine {self.config.name} already launched")
+        cfg = self.config
+        if shutil.which(cfg.qemu) is None:
+            raise LabError(f"QEMU binary not found: {cfg.qemu}")
+        if self.accel is None:
+            self.accel = accel_mod.choose(cfg.image.kernel, cfg.qemu)
+        Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+        for stale in ("qmp.sock", "console.sock"):  # left by an earlier run in this workdir
+            cfg.path(stale).unlink(missing_ok=True)
+        for attempt in range(_HOSTFWD_RETRIES):
+            self._port = PortLease()
+            self.argv = build_argv(cfg, self.accel, self._port.port)
+            cfg.path("qemu.cmdline").write_text(shlex.join(self.argv) + "\n")
+            self._launched_at = time.monotonic()
+            self.proc = process.spawn(self.argv, log=cfg.path("qemu.log"), cwd=Path(cfg.workdir))
+            _LIVE.add(self)
+            self.qmp = QMP(cfg.socket_path("qmp.sock"), cfg.path("qmp.jsonl"))
+            try:
+                self.qmp.connect(self.scaled(QMP_UP_SECONDS), alive=self.alive)
+                return self
+            except LabError:
+                lost_port = "host forwarding rule" in tail(cfg.path("qemu.log"), 5)
+                self.shutdown()
+                if not lost_port or attempt == _HOSTFWD_RETRIES - 1:
+                    raise LabError(
+                        f"QEMU for {cfg.name} failed to start: {tail(cfg.path('qemu.log'), 1)}"
+                    ) from None
+                log.info("ssh port taken before QEMU bound it; relaunching")
+                self.proc, self.returncode = None, None
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, marker: str = READY_MARKER) -> float:
+        """Wait for the console marker, then for SSH; return boot-to-SSH seconds."""
+        self._require_running()
+        wait_for_line(self.console_log, marker, self.scaled(MARKER_SECONDS), alive=self.alive)
+        try:
+            self._ssh = GuestSSH.connect(
+                self.ssh_port, self.config.image.key, self.scaled(SSH_AFTER_MARKER_SECONDS)
+            )
+        except TimeoutExpired as exc:
+            raise TimeoutExpired(f"{exc}\nlast console lines:\n{tail(self.console_log)}") from None
+        self.boot_seconds = time.monotonic() - self._launched_at
+        return self.boot_seconds
+
+    def shutdown(self) -> int | None:
+        """QMP quit, then SIGTERM the group, then SIGKILL; always reap. Safe to call again."""
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self.proc is not None and self.returncode is None:
+            if self.qmp is not None and self.qmp.connected and self.alive():
+                self.qmp.quit(timeout=self.scaled(QUIT_SECONDS))
+                try:
+                    self.proc.wait(timeout=self.scaled(QUIT_SECONDS))
+                except subprocess.TimeoutExpired:
+                    pass  # SIGTERM, then SIGKILL, take over
+            self.returncode = process.stop_group(self.proc)
+        if self.qmp is not None:
+            self.qmp.close()
+        if self._port is not None:
+            self._port.release()
+            self._port = None
+        _LIVE.discard(self)
+        return self.returncode
+
+    def __enter__(self) -> Machine:
+        return self.launch()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- access ------------------------------------------------------------------------------
+    @property
+    def ssh(self) -> GuestSSH:
+        if self._ssh is None:
+            raise LabError(f"machine {self.config.name}: SSH not connected (call wait_ready)")
+        return self._ssh
+
+    def console(self, timeout: float = 30.0) -> Console:
+        """Attach to the serial console (one client at a time); close it when done."""
+        self._require_running()
+        return Console(self.config.socket_path("console.sock"), timeout=timeout)
+
+    @property
+    def console_log(self) -> Path:
+        return self.config.path("console.log")
+
+    @property
+    def ssh_port(self) -> int:
+        if self._port is None:
+            raise LabError(f"machine {self.config.name} is not running")
+        return self._port.port
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise LabError(f"machine {self.config.name} was never launched")
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def scaled(self, seconds: float) -> float:
+        return self.accel.scaled(seconds) if self.accel else seconds
+
+    def _require_running(self) -> None:
+        if not self.alive():
+            raise LabError(
+                f"machine {self.config.name} is not running; "
+                f"QEMU log:\n{tail(self.config.path('qemu.log'), 5)}"
+            )
+
+
+# Last line of defence for callers that forget shutdown() (or die in the middle of launch):
+# no QEMU outlives the Python process that started it. PDEATHSIG covers SIGKILL of the parent.
+_LIVE: set[Machine] = set()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for machine in list(_LIVE):
+        machine.shutdown()
+
+
+def shutdown_all(machines: Iterable[Machine]) -> list[BaseException]:
+    """Shut every machine down even if some fail; return the errors for the caller to report."""
+    errors: list[BaseException] = []
+    for machine in machines:
+        try:
+            machine.shutdown()
+        except Exception as exc:  # one bad teardown must not leave the others running
+            errors.append(exc)
+    return errors
