@@ -1,0 +1,550 @@
+"""The vhost-user daemon: listening socket, one front end at a time, event loop.
+
+One process, one selector over the listening socket (while idle), the front end's socket, the
+kick eventfds and a signal wake-up socket. Ring processing (Connection.process_rings) is kept
+apart from message handling (Connection.on_readable) so rings can later move to per-queue
+workers. A front end that breaks the protocol, or whose guest corrupts a ring, gets its device
+marked broken: one ERROR line, the connection closed, the next front end served.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+from lab.errors import LabError
+from lab.vhost_user import DeviceBroken, protocol
+from lab.vhost_user.device import ConfigRejected, Device
+from lab.vhost_user.dirty_log import DirtyLog
+from lab.vhost_user.inflight import InflightRegion, create_region
+from lab.vhost_user.memory import GuestMemory
+from lab.vhost_user.protocol import (
+    CONFIG_HEADER,
+    HEADER,
+    INFLIGHT,
+    U64,
+    VRING_STATE,
+    Message,
+    ProtocolFeature,
+    Request,
+    bit,
+)
+from lab.vhost_user.ring import VirtQueue
+
+log = logging.getLogger(__name__)
+
+FAULTS = ("no-inflight", "no-dirty-log")
+TRANSPORT_FEATURES = (
+    bit(protocol.F_VERSION_1)
+    | bit(protocol.F_INDIRECT_DESC)
+    | bit(protocol.F_EVENT_IDX)
+    | bit(protocol.F_PROTOCOL_FEATURES)
+    | bit(protocol.F_LOG_ALL)
+)
+BASE_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.RESET_DEVICE)
+)
+MESSAGE_TIMEOUT = 5.0  # a front end that stops mid-message is broken, not waited for forever
+POLL_SECONDS = 200e-6  # keep looking at the rings this long after work before sleeping
+
+
+class RequestFailed(Exception):
+    """A well-formed request the device declines; answered as failure, the connection lives."""
+
+
+@dataclass
+class Reply:
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+
+class Trace:
+    """Every vhost-user message, decoded, one JSON object per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def record(self, direction: str, request: int, flags: int, payload: Any, fds: list[dict]) -> None:
+        try:
+            name = Request(request).name
+        except ValueError:
+            name = f"UNKNOWN_{request}"
+        entry = {"t": round(time.time(), 6), "dir": direction, "request": name, "flags": flags,
+                 "payload": protocol.describe(payload), "fds": fds}
+        self._stream.write(json.dumps(entry) + "\n")
+        self._stream.flush()
+
+
+@dataclass
+class Options:
+    faults: frozenset[str] = frozenset()
+    trace: Trace | None = None
+
+
+def _require_eventfd(fd: int, what: str) -> None:
+    if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+        raise DeviceBroken(f"{what}: fd is not an eventfd")
+
+
+class Connection:
+    """One front end: the protocol state machine and the rings it configures."""
+
+    def __init__(self, sock: socket.socket, device: Device, options: Options, selector: selectors.BaseSelector) -> None:
+        self.sock = sock
+        self.device = device
+        self.options = options
+        self._selector = selector
+        self.rings = [VirtQueue(i) for i in range(device.num_queues)]
+        self.features = 0
+        self.protocol_features = 0
+        self.memory: GuestMemory | None = None
+        self.log: DirtyLog | None = None
+        self.inflight: InflightRegion | None = None
+        sock.settimeout(MESSAGE_TIMEOUT)
+        selector.register(sock, selectors.EVENT_READ, self)
+        self.offered_features = TRANSPORT_FEATURES | device.features()
+        self.offered_protocol = BASE_PROTOCOL_FEATURES
+        if device.has_config:
+            self.offered_protocol |= bit(ProtocolFeature.CONFIG)
+        if device.tracks_inflight:
+            self.offered_protocol |= bit(ProtocolFeature.INFLIGHT_SHMFD)
+
+    # ---- wire ----------------------------------------------------------------------------
+
+    def _recv_exact(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise DeviceBroken("front end closed the socket in the middle of a message")
+            data += chunk
+        return data
+
+    def _recv(self) -> Message | None:
+        try:
+            data, ancillary, msg_flags, _ = self.sock.recvmsg(
+                HEADER.size, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except (ConnectionResetError, socket.timeout):
+            return None
+        fds = array("i")
+        for level, kind, cdata in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        msg = Message(0, 0, b"", list(fds))
+        try:
+            if not data:
+                msg.close_fds()
+                return None
+            if msg_flags & socket.MSG_CTRUNC:
+                raise DeviceBroken(f"more than {protocol.MAX_FDS} fds attached to a message")
+            try:
+                data += self._recv_exact(HEADER.size - len(data))
+                msg.request, msg.flags, size = HEADER.unpack(data)
+                protocol.check_header(msg.request, msg.flags, size)
+                msg.payload = self._recv_exact(size)
+            except socket.timeout:
+                raise DeviceBroken("front end stalled in the middle of a message") from None
+        except BaseException:
+            msg.close_fds()
+            raise
+        return msg
+
+    def _send(self, request: int, reply: Reply) -> None:
+        if self.options.trace:
+            self.options.trace.record("out", request, protocol.VERSION | protocol.FLAG_REPLY,
+                                      protocol.decode_reply(request, reply.payload),
+                                      [protocol.describe_fd(fd) for fd in reply.fds])
+        data = protocol.encode_reply(request, reply.payload)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", reply.fds))] if reply.fds else []
+        self.sock.sendmsg([data], ancillary)
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def on_readable(self) -> bool:
+        """Handle one message; False when the front end has gone."""
+        msg = self._recv()
+        if msg is None:
+            return False
+        try:
+            self._dispatch(msg)
+        finally:
+            msg.close_fds()
+        return True
+
+    def _dispatch(self, msg: Message) -> None:
+        trace = self.options.trace
+        fds = [protocol.describe_fd(fd) for fd in msg.fds] if trace else []
+        if not protocol.supported(msg.request, self.protocol_features):
+            if trace:
+                trace.record("in", msg.request, msg.flags, msg.payload, fds)
+            log.warning("unsupported request %s ignored", msg.name)
+            if msg.need_reply:
+                self._send(msg.request, Reply(U64.pack(1)))
+            return
+        try:
+            payload = protocol.decode(msg, len(self.rings))
+        except DeviceBroken:
+            if trace:
+                trace.record("in", msg.request, msg.flags, msg.payload, fds)
+            raise
+        if trace:
+            trace.record("in", msg.request, msg.flags, payload, fds)
+        handler: Callable[[Message, Any], Reply | None] = getattr(self, f"_on_{Request(msg.request).name.lower()}")
+        status = 0
+        try:
+            reply = handler(msg, payload)
+        except RequestFailed as exc:
+            log.warning("%s failed: %s", msg.name, exc)
+            reply, status = None, 1
+        if reply is not None:
+            try:
+                self._send(msg.request, reply)
+            finally:
+                for fd in reply.fds:
+                    os.close(fd)
+        elif msg.need_reply and self.protocol_features & bit(ProtocolFeature.REPLY_ACK):
+            self._send(msg.request, Reply(U64.pack(status)))
+
+    def _on_get_features(self, msg: Message, _: None) -> Reply:
+        return Reply(U64.pack(self.offered_features))
+
+    def _on_set_features(self, msg: Message, features: int) -> None:
+        if features & ~self.offered_features:
+            raise DeviceBroken(f"SET_FEATURES: bits {features & ~self.offered_features:#x} were not offered")
+        self.features = features
+        for ring in self.rings:
+            ring.event_idx = bool(features & bit(protocol.F_EVENT_IDX))
+            ring.indirect = bool(features & bit(protocol.F_INDIRECT_DESC))
+            if not features & bit(protocol.F_PROTOCOL_FEATURES):
+                ring.enabled = True  # without bit 30 rings are enabled from the start
+        self._update_logging()
+        self.device.set_features(features)
+
+    def _on_get_protocol_features(self, msg: Message, _: None) -> Reply:
+        return Reply(U64.pack(self.offered_protocol))
+
+    def _on_set_protocol_features(self, msg: Message, features: int) -> None:
+        if features & ~self.offered_protocol:
+            raise DeviceBroken(f"SET_PROTOCOL_FEATURES: bits {features & ~self.offered_protocol:#x} were not offered")
+        self.protocol_features = features
+
+    def _on_get_queue_num(self, msg: Message, _: None) -> Reply:
+        return Reply(U64.pack(len(self.rings)))
+
+    def _on_set_owner(self, msg: Message, _: None) -> None:
+        pass
+
+    def _on_reset_owner(self, msg: Message, _: None) -> None:
+        self._reset_rings()
+
+    def _on_reset_device(self, msg: Message, _: None) -> None:
+        self._reset_rings()
+        self.features = 0
+        self._update_logging()
+
+    def _on_set_mem_table(self, msg: Message, table: protocol.MemoryTable) -> None:
+        fds = [msg.take_fd(i) for i in range(len(msg.fds))]
+        for ring in self.rings:
+            ring.detach()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        self.memory = GuestMemory(table.regions, fds)
+        for ring in self.rings:
+            ring.attach(self.memory)
+
+    def _on_set_log_base(self, msg: Message, base: protocol.LogBase) -> Reply:
+        new = DirtyLog(msg.take_fd(), base)
+        if self.log is not None:
+            self.log.close()
+        self.log = new
+        self._update_logging()
+        return Reply(U64.pack(0))
+
+    def _update_logging(self) -> None:
+        active = self.log if self.features & bit(protocol.F_LOG_ALL) else None
+        for ring in self.rings:
+            ring.log = active
+            ring.log_buffers = "no-dirty-log" not in self.options.faults
+
+    def _on_set_vring_num(self, msg: Message, state: protocol.VringState) -> None:
+        self.rings[state.index].set_num(state.num)
+
+    def _on_set_vring_addr(self, msg: Message, addr: protocol.VringAddr) -> None:
+        self.rings[addr.index].set_addr(addr, self.memory)
+
+    def _on_set_vring_base(self, msg: Message, state: protocol.VringState) -> None:
+        self.rings[state.index].last_avail = state.num
+
+    def _on_get_vring_base(self, msg: Message, state: protocol.VringState) -> Reply:
+        ring = self.rings[state.index]
+        self._unwatch_kick(ring)
+        return Reply(VRING_STATE.pack(state.index, ring.stop()))
+
+    def _on_set_vring_kick(self, msg: Message, file: protocol.VringFile) -> None:
+        ring = self.rings[file.index]
+        fd = -1 if file.nofd else msg.take_fd()
+        self._unwatch_kick(ring)
+        ring.set_file("kick", fd)  # owned by the ring before any check can fail
+        if fd >= 0:
+            _require_eventfd(fd, "SET_VRING_KICK")
+            self._selector.register(fd, selectors.EVENT_READ, ring)
+        skip = "no-inflight" in self.options.faults
+        resubmitted = ring.start(skip_inflight=skip)
+        if resubmitted:
+            log.info("vring %d: %s %d inflight requests", ring.index, "dropping" if skip else "resubmitting",
+                     resubmitted)
+
+    def _unwatch_kick(self, ring: VirtQueue) -> None:
+        if ring.kick_fd >= 0:
+            try:
+                self._selector.unregister(ring.kick_fd)
+            except KeyError:
+                pass
+
+    def _on_set_vring_call(self, msg: Message, file: protocol.VringFile) -> None:
+        self._set_notifier(msg, file, "call")
+
+    def _on_set_vring_err(self, msg: Message, file: protocol.VringFile) -> None:
+        self._set_notifier(msg, file, "err")
+
+    def _set_notifier(self, msg: Message, file: protocol.VringFile, kind: str) -> None:
+        fd = -1 if file.nofd else msg.take_fd()
+        self.rings[file.index].set_file(kind, fd)
+        if fd >= 0:
+            _require_eventfd(fd, f"SET_VRING_{kind.upper()}")
+
+    def _on_set_vring_enable(self, msg: Message, state: protocol.VringState) -> None:
+        self.rings[state.index].enabled = bool(state.num)
+
+    def _on_get_config(self, msg: Message, access: protocol.ConfigAccess) -> Reply:
+        try:
+            data = self.device.get_config(access.offset, access.size)
+        except ConfigRejected as exc:
+            log.warning("GET_CONFIG refused: %s", exc)
+            return Reply(b"")
+        return Reply(CONFIG_HEADER.pack(access.offset, access.size, access.flags) + data)
+
+    def _on_set_config(self, msg: Message, access: protocol.ConfigAccess) -> None:
+        try:
+            self.device.set_config(access.offset, access.data)
+        except ConfigRejected as exc:
+            raise RequestFailed(str(exc)) from None
+
+    def _on_get_inflight_fd(self, msg: Message, spec: protocol.Inflight) -> Reply:
+        fd, size = create_region(spec.num_queues, spec.queue_size)
+        return Reply(INFLIGHT.pack(size, 0, spec.num_queues, spec.queue_size), [fd])
+
+    def _on_set_inflight_fd(self, msg: Message, spec: protocol.Inflight) -> None:
+        region = InflightRegion(msg.take_fd(), spec)
+        self._drop_inflight()
+        self.inflight = region
+        for ring in self.rings:
+            ring.inflight = region.queue(ring.index)
+
+    def _drop_inflight(self) -> None:
+        for ring in self.rings:
+            ring.inflight = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+
+    # ---- rings ---------------------------------------------------------------------------
+
+    def process_rings(self) -> int:
+        done = 0
+        for ring in self.rings:
+            if ring.has_work():
+                index = ring.index
+                done += ring.process(lambda buffers: self.device.handle(index, buffers), ring.num)
+        return done
+
+    @property
+    def polled(self) -> bool:
+        """Some ring runs without a kick fd (NOFD) and must be looked at periodically."""
+        return any(ring.running and ring.kick_fd < 0 for ring in self.rings)
+
+    def _reset_rings(self) -> None:
+        for ring in self.rings:
+            self._unwatch_kick(ring)
+            ring.reset()
+        self._update_logging()
+
+    def close(self) -> None:
+        """Forget everything this front end set up; no guest memory is touched afterwards."""
+        self._reset_rings()
+        self._drop_inflight()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        try:
+            self._selector.unregister(self.sock)
+        except KeyError:
+            pass
+        self.sock.close()
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Refuse a path a live listener owns; remove a stale socket file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise LabError(f"socket path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
+        return
+    except OSError as exc:
+        raise LabError(f"cannot probe socket path {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise LabError(f"socket path {path} is in use by a live listener")
+
+
+class Server:
+    """Serve `device` on a unix socket, one front end at a time, until SIGTERM/SIGINT."""
+
+    def __init__(self, path: str, device: Device, options: Options | None = None) -> None:
+        self.path = path
+        self.device = device
+        self.options = options or Options()
+        _prepare_socket_path(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(path)
+        except OSError as exc:
+            self._listener.close()
+            raise LabError(f"cannot listen on {path}: {exc.strerror}") from None
+        self._listener.listen(1)
+        self._listener.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, "listen")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._conn: Connection | None = None
+        self._stopping = False
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def serve_forever(self) -> None:
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
+        log.info("listening on %s", self.path)
+        try:
+            self._loop()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    def _loop(self) -> None:
+        busy_until = 0.0
+        while not self._stopping:
+            conn = self._conn
+            if time.monotonic() < busy_until:
+                timeout: float | None = 0
+            elif conn is not None and conn.polled:
+                timeout = 0.001
+            else:
+                timeout = None
+            for key, _ in self._selector.select(timeout):
+                self._on_event(key)
+            if self._conn is not None and self._guard(self._conn.process_rings):
+                busy_until = time.monotonic() + POLL_SECONDS
+
+    def _on_event(self, key: selectors.SelectorKey) -> None:
+        data = key.data
+        if data == "listen":
+            self._accept()
+        elif data == "wake":
+            try:
+                self._wake_r.recv(64)
+            except BlockingIOError:
+                pass
+        elif isinstance(data, Connection):
+            if data is self._conn and not self._guard(data.on_readable):
+                if self._conn is data:
+                    log.info("front end disconnected")
+                    self._drop_connection()
+        elif isinstance(data, VirtQueue):
+            try:
+                os.read(key.fd, 8)
+            except BlockingIOError:
+                pass
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)
+        self._selector.unregister(self._listener)
+        self._conn = Connection(sock, self.device, self.options, self._selector)
+        log.info("front end connected")
+
+    def _guard(self, step: Callable[[], Any]) -> Any:
+        """Run a connection step; a broken device or a vanished peer ends the connection only."""
+        try:
+            return step()
+        except DeviceBroken as exc:
+            log.error("device broken: %s", exc)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("front end disconnected")
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.exception("device broken: %s", exc)
+        except Exception as exc:  # a bug must not take the daemon down for the next front end
+            log.exception("device broken: internal error: %s", exc)
+        self._drop_connection()
+        return None
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.close()
+        self._selector.register(self._listener, selectors.EVENT_READ, "listen")
+
+    def close(self) -> None:
+        """Drop the front end, make the image durable, remove the socket."""
+        self._drop_connection()
+        try:
+            self.device.flush()
+        finally:
+            self.device.close()
+            self._selector.close()
+            self._listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            log.info("stopped")
