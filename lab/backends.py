@@ -1,0 +1,186 @@
+"""vhost-user-blk back ends as processes, for tests and benches.
+
+Two kinds: "ours" (`python -m lab backend blk ...`) and "qsd" (qemu-storage-daemon's
+vhost-user-blk export, the reference implementation). Each back end runs in its own process
+group (started through lab.qemu.process.spawn, so it also dies with the lab), is waited for
+through its socket, and is killed by stop(); check_exit() turns a crash or a Python traceback
+in its log into an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.errors import LabError
+from lab.qemu.process import spawn, stop_group
+
+BACKEND_KINDS = ("ours", "qsd")
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BackendError(LabError):
+    """A back end did not start, died, or left evidence of a crash in its log."""
+
+
+def backend_available(kind: str) -> str | None:
+    """None when `kind` can run here, else why not."""
+    if kind == "qsd":
+        return None if shutil.which("qemu-storage-daemon") else "qemu-storage-daemon is not installed"
+    if importlib.util.find_spec("lab.commands.backend") is None:
+        return "lab backend (lab/commands/backend.py) does not exist yet"
+    return None
+
+
+@dataclass
+class BackendProcess:
+    """One back-end process serving `image` on `socket`."""
+
+    kind: str
+    socket: str
+    image: str
+    log: Path
+    queues: int = 2
+    read_only: bool = False
+    serial: str | None = None
+    extra: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def argv(self) -> list[str]:
+        if self.kind == "ours":
+            argv = [sys.executable, "-m", "lab", "backend", "blk", "--socket", self.socket,
+                    "--image", self.image, "--queues", str(self.queues)]
+            if self.read_only:
+                argv.append("--read-only")
+            if self.serial is not None:
+                argv += ["--serial", self.serial]
+            return argv + list(self.extra)
+        if self.kind != "qsd":
+            raise BackendError(f"unknown back end kind {self.kind!r} (known: {', '.join(BACKEND_KINDS)})")
+        # QSD has no serial option: its GET_ID answer is fixed ("vhost_user_blk")
+        read_only = ",read-only=on" if self.read_only else ""
+        return [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={self.image},discard=unmap{read_only}",
+            "--export", f"type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
+                        f"addr.path={self.socket},writable={'off' if self.read_only else 'on'},"
+                        f"num-queues={self.queues}",
+            *self.extra,
+        ]
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BackendError(f"{self.kind} back end is not running")
+        return self.proc.pid
+
+    def start(self) -> BackendProcess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> BackendProcess:
+        """Start the process without waiting for its socket (wait_ready), so several start at once."""
+        if os.path.lexists(self.socket):
+            os.unlink(self.socket)
+        self.proc = spawn(self.argv(), log=self.log, cwd=REPO)
+        return self
+
+    def wait_ready(self) -> BackendProcess:
+        """Wait until the socket exists; a back end that exits or takes too long is an error."""
+        if self.proc is None:
+            raise BackendError(f"{self.kind} back end was not launched")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._socket_ready():
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise BackendError(f"{self.kind} back end exited with {code}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BackendError(f"{self.kind} back end made no socket in {START_TIMEOUT}s:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM the process group, SIGKILL after STOP_TIMEOUT; the exit status."""
+        proc = self.proc
+        if proc is None:
+            return None
+        code = stop_group(proc, STOP_TIMEOUT)
+        _signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: the back end dies mid-flight, as in a crash (no exit checks)."""
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+            self.proc = None
+
+    def restart(self) -> BackendProcess:
+        self.check_alive()
+        self.check_exit(self.stop())
+        return self.start()
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise BackendError(f"{self.kind} back end died (exit {code}):\n{self.log_tail()}")
+
+    def check_exit(self, code: int | None) -> None:
+        if code not in (0, -signal.SIGTERM, None):
+            raise BackendError(f"{self.kind} back end ended with {code}:\n{self.log_tail()}")
+        if "Traceback" in self.log_text():
+            raise BackendError(f"{self.kind} back end logged a traceback:\n{self.log_tail()}")
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmHWM (peak), VmRSS, RssAnon and RssShmem of the back end, in KiB (/proc/PID/status)."""
+        wanted = ("VmHWM", "VmRSS", "RssAnon", "RssShmem")
+        values: dict[str, int] = {}
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    key, _, rest = line.partition(":")
+                    if key in wanted:
+                        values[key] = int(rest.split()[0])
+        except FileNotFoundError:
+            raise BackendError(f"{self.kind} back end (pid {self.pid}) is gone:\n{self.log_tail()}") from None
+        return values
+
+    def reset_peak_memory(self) -> None:
+        """Start a new VmHWM period: the peak drops to the current RSS (proc(5), clear_refs 5)."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def _socket_ready(self) -> bool:
+        try:
+            return stat.S_ISSOCK(os.stat(self.socket).st_mode)
+        except FileNotFoundError:
+            return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
