@@ -3,14 +3,15 @@
 Two kinds: "ours" (`python -m lab backend blk ...`) and "qsd" (qemu-storage-daemon's
 vhost-user-blk export, the reference implementation). Each back end runs in its own process
 group (started through lab.qemu.process.spawn, so it also dies with the lab), is waited for
-through its socket, and is killed by stop(); check_exit() turns a crash or a Python traceback
-in its log into an error.
+through its socket, and is killed by stop(); finish() and close() turn a crash, an unclean exit or
+trouble in its log (TROUBLE) into problems.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import stat
@@ -27,6 +28,15 @@ BACKEND_KINDS = ("ours", "qsd")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parents[1]
+# A back end's log lines that mean something went wrong: ours logs one ERROR line per broken
+# device; qemu-storage-daemon panics through vu_panic.
+TROUBLE = {
+    "ours": re.compile(r" ERROR |device broken|Traceback"),
+    "qsd": re.compile(r"vu_panic|[Aa]ssertion|Traceback"),
+}
+_CLEAN_EXIT = (0, -signal.SIGTERM, None)
+# qemu-storage-daemon answers GET_ID with this fixed string (QEMU 7.2 has no option to set it).
+QSD_SERIAL = "vhost_user_blk"
 
 
 class BackendError(LabError):
@@ -79,6 +89,11 @@ class BackendProcess:
         ]
 
     @property
+    def guest_serial(self) -> str:
+        """What the guest reads in /sys/block/DEV/serial for this back end."""
+        return QSD_SERIAL if self.kind == "qsd" else self.serial or ""
+
+    @property
     def pid(self) -> int:
         if self.proc is None:
             raise BackendError(f"{self.kind} back end is not running")
@@ -128,20 +143,34 @@ class BackendProcess:
             self.proc = None
 
     def restart(self) -> BackendProcess:
-        self.check_alive()
-        self.check_exit(self.stop())
+        self.close()
         return self.start()
+
+    def close(self) -> None:
+        """Stop the back end; BackendError if anything went wrong during its life."""
+        problems = self.finish()
+        if problems:
+            raise BackendError("\n".join(problems))
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
             raise BackendError(f"{self.kind} back end died (exit {code}):\n{self.log_tail()}")
 
-    def check_exit(self, code: int | None) -> None:
-        if code not in (0, -signal.SIGTERM, None):
-            raise BackendError(f"{self.kind} back end ended with {code}:\n{self.log_tail()}")
-        if "Traceback" in self.log_text():
-            raise BackendError(f"{self.kind} back end logged a traceback:\n{self.log_tail()}")
+    def finish(self, expect_errors: bool = False) -> list[str]:
+        """Stop the back end; what went wrong with it during its life (empty: all well)."""
+        died = self.proc is not None and self.proc.poll() is not None
+        code = self.stop()
+        found = []
+        if died:
+            found.append(f"{self.kind} back end on {self.socket} died (exit {code}):\n{self.log_tail()}")
+        elif code not in _CLEAN_EXIT:
+            found.append(f"{self.kind} back end on {self.socket} exited with {code} when stopped")
+        if not expect_errors:
+            bad = [line for line in self.log_text().splitlines() if TROUBLE[self.kind].search(line)]
+            if bad:
+                found.append(f"{self.kind} back end on {self.socket} logged trouble:\n  " + "\n  ".join(bad[:10]))
+        return found
 
     def memory_kib(self) -> dict[str, int]:
         """VmHWM (peak), VmRSS, RssAnon and RssShmem of the back end, in KiB (/proc/PID/status)."""

@@ -13,7 +13,7 @@ import sys
 
 from lab.errors import LabError
 
-COMMANDS = ("doctor", "image", "bench", "backend")
+COMMANDS = ("doctor", "image", "bench", "backend", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

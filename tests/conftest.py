@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from lab.backends import BACKEND_KINDS, BackendError, BackendProcess, backend_available
+from lab.backends import BACKEND_KINDS, BackendProcess, backend_available
 
 IMAGE_SIZE = 64 << 20
 
@@ -25,7 +25,7 @@ def make_image(path: Path, size: int = IMAGE_SIZE) -> str:
 
 
 @pytest.fixture
-def backend_factory(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
+def start_backend(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
     """start(kind, image=None, **options) -> a running BackendProcess; all are checked and killed."""
     started: list[BackendProcess] = []
 
@@ -46,19 +46,9 @@ def backend_factory(tmp_path: Path) -> Iterator[Callable[..., BackendProcess]]:
         return backend.start()
 
     yield start
-    errors = []
-    for backend in started:
-        died = backend.proc is not None and backend.proc.poll() is not None
-        code = backend.stop()
-        if died:
-            errors.append(f"{backend.kind} back end died during the test (exit {code}):\n{backend.log_tail()}")
-            continue
-        try:
-            backend.check_exit(code)
-        except BackendError as exc:
-            errors.append(str(exc))
-    if errors:
-        pytest.fail("\n".join(errors), pytrace=False)
+    problems = [problem for backend in started for problem in backend.finish()]
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 @pytest.fixture(params=BACKEND_KINDS)
@@ -67,6 +57,6 @@ def backend_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def blk_backend(backend_factory: Callable[..., BackendProcess], backend_kind: str) -> BackendProcess:
+def blk_backend(start_backend: Callable[..., BackendProcess], backend_kind: str) -> BackendProcess:
     """A writable 2-queue back end of each kind on a fresh 64 MiB sparse image."""
-    return backend_factory(backend_kind)
+    return start_backend(backend_kind)

@@ -106,8 +106,8 @@ def test_scatter_gather_and_many_segments(blk):
         t.free_dma(buffer)
 
 
-def test_get_id(backend_factory, backend_kind):
-    backend = backend_factory(backend_kind, serial="lab-serial-0042")
+def test_get_id(start_backend, backend_kind):
+    backend = start_backend(backend_kind, serial="lab-serial-0042")
     blk = open_blk(backend)
     try:
         assert blk.get_id() == ("lab-serial-0042" if backend_kind == "ours" else "vhost_user_blk")
@@ -125,8 +125,8 @@ def test_out_of_range_is_ioerr(blk):
     assert_blocks(blk, 0, 1, None)  # the device still works
 
 
-def test_read_only_refuses_writes(backend_factory, backend_kind):
-    backend = backend_factory(backend_kind, read_only=True)
+def test_read_only_refuses_writes(start_backend, backend_kind):
+    backend = start_backend(backend_kind, read_only=True)
     blk = open_blk(backend)
     try:
         assert blk.read_only and blk.has(F_RO)

@@ -271,7 +271,7 @@ def stop_checked(backends: list[BackendProcess]) -> None:
     for backend in backends:
         backend.check_alive()
     for backend in backends:
-        backend.check_exit(backend.stop())
+        backend.close()
 
 
 def summarize(samples: dict[tuple, list[Sample]], args: argparse.Namespace) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ("boot", "backend")
+BENCHES = ("boot", "backend", "guest_blk")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -105,6 +105,14 @@ def virtio_blk_disk(
     return [blockdev, device("virtio-blk-pci", drive=node, serial=serial)]
 
 
+def vhost_user_blk_disk(chardev_id: str, socket: str | Path, num_queues: int) -> list[Option]:
+    """A vhost-user-blk-pci whose back end is a separate process listening on `socket`."""
+    return [
+        chardev("socket", id=chardev_id, path=socket),
+        device("vhost-user-blk-pci", {"num-queues": num_queues}, chardev=chardev_id),
+    ]
+
+
 def create_raw_image(path: Path, size_mib: int) -> Path:
     """A sparse raw disk image (scratch disks for guest-side I/O)."""
     with open(path, "wb") as f:
