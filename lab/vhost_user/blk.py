@@ -6,9 +6,6 @@ memory: no copies, and the GIL is released during the I/O.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import logging
 import os
 import struct
@@ -16,6 +13,7 @@ import struct
 from lab.errors import LabError
 from lab.vhost_user import DeviceBroken
 from lab.vhost_user.device import Buffers, ConfigRejected, Device
+from lab.vhost_user.image import open_image, punch_hole, transfer, zero_range
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +33,6 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_DISCARD_SEG = 16
 WCE_OFFSET = 32
 CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIBxxx")
-IOV_MAX = 1024
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _transfer(op, fd: int, views: list[memoryview], offset: int) -> None:
-    """preadv/pwritev all views at offset, resuming after short transfers."""
-    while views:
-        batch = views[:IOV_MAX]
-        done = op(fd, batch, offset)
-        want = sum(len(v) for v in batch)
-        if done == want:
-            views = views[IOV_MAX:]
-        elif done == 0:
-            raise OSError(errno.EIO, "unexpected end of image")
-        else:
-            views = Buffers.slice(views, done, Buffers.total(views) - done)
-        offset += done
 
 
 class BlkDevice(Device):
@@ -75,14 +44,7 @@ class BlkDevice(Device):
             raise LabError(f"queue count {num_queues} is outside 1..256")
         if len(serial.encode()) > ID_BYTES:
             raise LabError(f"serial {serial!r} is longer than {ID_BYTES} bytes")
-        try:
-            self._fd = os.open(image, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise LabError(f"cannot open image {image}: {exc.strerror}") from None
-        size = os.fstat(self._fd).st_size
-        if size == 0 or size % SECTOR:
-            os.close(self._fd)
-            raise LabError(f"image {image} is {size} bytes, not a non-zero multiple of {SECTOR}")
+        self._fd, size = open_image(image, read_only, SECTOR)
         self.num_queues = num_queues
         self.read_only = read_only
         self.sectors = size // SECTOR
@@ -143,14 +105,14 @@ class BlkDevice(Device):
         if rtype == T_IN:
             if not self._in_range(sector, data_in):
                 return S_IOERR, 0
-            _transfer(os.preadv, self._fd, Buffers.slice(writable, 0, data_in), sector * SECTOR)
+            transfer(os.preadv, self._fd, Buffers.slice(writable, 0, data_in), sector * SECTOR)
             return S_OK, data_in
         if rtype == T_OUT:
             data = Buffers.slice(readable, HEADER.size, Buffers.total(readable) - HEADER.size)
             nbytes = Buffers.total(data)
             if self.read_only or not self._in_range(sector, nbytes):
                 return S_IOERR, 0
-            _transfer(os.pwritev, self._fd, data, sector * SECTOR)
+            transfer(os.pwritev, self._fd, data, sector * SECTOR)
             if not self.writeback:
                 os.fdatasync(self._fd)
             return S_OK, 0
@@ -160,12 +122,7 @@ class BlkDevice(Device):
             return S_OK, 0
         if rtype == T_GET_ID:
             n = min(ID_BYTES, data_in)
-            ident = self.serial.ljust(ID_BYTES, b"\0")[:n]
-            pos = 0
-            for view in Buffers.slice(writable, 0, n):
-                view[:] = ident[pos : pos + len(view)]
-                pos += len(view)
-            return S_OK, n
+            return S_OK, Buffers.scatter(writable, 0, self.serial.ljust(ID_BYTES, b"\0")[:n])
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
             return self._ranges(rtype, readable), 0
         return S_UNSUPP, 0
@@ -185,24 +142,12 @@ class BlkDevice(Device):
         for sector, count, flags in segments:
             offset, length = sector * SECTOR, count * SECTOR
             if rtype == T_DISCARD or flags & WZ_F_UNMAP:
-                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                punch_hole(self._fd, offset, length)
             else:
-                self._zero(offset, length)
+                zero_range(self._fd, offset, length)
         if not self.writeback:
             os.fdatasync(self._fd)
         return S_OK
-
-    def _zero(self, offset: int, length: int) -> None:
-        try:
-            fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            chunk = bytes(min(length, 1 << 20))
-            while length:
-                n = os.pwrite(self._fd, chunk[: min(length, len(chunk))], offset)
-                offset += n
-                length -= n
 
     def flush(self) -> None:
         if not self.read_only:

@@ -4,6 +4,8 @@ A ring runs once it has memory, addresses, a kick (fd or NOFD) and is enabled. R
 popped, handed to a handler as Buffers, and completed in batches: used elements are written as
 each request finishes, used->idx is published once per batch, and the guest is called at most
 once per batch (EVENT_IDX or NO_INTERRUPT permitting). Anything malformed raises DeviceBroken.
+A handler may hold a request (event queues): the ring keeps its chain until complete_held; a
+ring that stops or loses its memory hands held chains back by rewinding last_avail over them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class VirtQueue:
         self.log_buffers = True
         self.inflight: InflightQueue | None = None
         self.resubmit: collections.deque[int] = collections.deque()
+        self.held: collections.deque[Chain] = collections.deque()
         self._memory: GuestMemory | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
@@ -123,6 +126,7 @@ class VirtQueue:
 
     def detach(self) -> None:
         """Drop every view of guest memory (a memory table can only be unmapped without them)."""
+        self._unhold()
         for name in ("_desc", "_avail", "_used_hdr", "_used_elems", "_avail_event", "_used"):
             view = getattr(self, name)
             if view is not None:
@@ -157,10 +161,12 @@ class VirtQueue:
         return len(heads)
 
     def stop(self) -> int:
-        """GET_VRING_BASE: requests are completed synchronously, so after the final flush nothing
-        of this ring is in flight; from here on the ring's memory is not touched."""
+        """GET_VRING_BASE: requests are completed synchronously and held ones are handed back, so
+        after the final flush nothing of this ring is in flight; from here on the ring's memory
+        is not touched."""
         if self.running:
             self.flush()
+        self._unhold()
         self.started = False
         self.set_file("kick", -1)
         return self.last_avail
@@ -170,7 +176,7 @@ class VirtQueue:
     def has_work(self) -> bool:
         return self.running and (bool(self.resubmit) or self._avail[1] != self.last_avail)
 
-    def process(self, handler: Callable[[Buffers], int], budget: int) -> int:
+    def process(self, handler: Callable[[Buffers], int | None], budget: int) -> int:
         """Handle up to `budget` requests, then publish them; returns how many were handled."""
         done = 0
         while done < budget:
@@ -178,10 +184,28 @@ class VirtQueue:
             if chain is None:
                 break
             used = handler(chain.buffers)
-            self._push(chain, used)
+            if used is None:
+                self.held.append(chain)
+            else:
+                self._push(chain, used)
             done += 1
         self.flush()
         return done
+
+    def complete_held(self, fill: Callable[[Buffers], int]) -> bool:
+        """Fill and complete the oldest held chain; False if there is none or the ring is idle."""
+        if not self.running or not self.held:
+            return False
+        chain = self.held.popleft()
+        self._push(chain, fill(chain.buffers))
+        self.flush()
+        return True
+
+    def _unhold(self) -> None:
+        """Held chains are the last ones popped: rewinding makes them available again."""
+        if self.held:
+            self.last_avail = (self.last_avail - len(self.held)) & 0xFFFF
+            self.held.clear()
 
     def _pop(self) -> Chain | None:
         if self.resubmit:

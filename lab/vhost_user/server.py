@@ -24,7 +24,7 @@ from typing import Any, Callable, TextIO
 
 from lab.errors import LabError
 from lab.vhost_user import DeviceBroken, protocol
-from lab.vhost_user.device import ConfigRejected, Device
+from lab.vhost_user.device import Buffers, ConfigRejected, Device
 from lab.vhost_user.dirty_log import DirtyLog
 from lab.vhost_user.inflight import InflightRegion, create_region
 from lab.vhost_user.memory import GuestMemory
@@ -121,6 +121,7 @@ class Connection:
             self.offered_protocol |= bit(ProtocolFeature.CONFIG)
         if device.tracks_inflight:
             self.offered_protocol |= bit(ProtocolFeature.INFLIGHT_SHMFD)
+        device.attach(self)
 
     # ---- wire ----------------------------------------------------------------------------
 
@@ -223,8 +224,12 @@ class Connection:
         return Reply(U64.pack(self.offered_features))
 
     def _on_set_features(self, msg: Message, features: int) -> None:
-        if features & ~self.offered_features:
-            raise DeviceBroken(f"SET_FEATURES: bits {features & ~self.offered_features:#x} were not offered")
+        foreign = features & ~self.offered_features
+        if foreign & ~self.device.foreign_features:
+            raise DeviceBroken(f"SET_FEATURES: bits {foreign:#x} were not offered")
+        if foreign:
+            log.info("SET_FEATURES: ignoring bits %#x the front end emulates itself", foreign)
+            features &= self.offered_features
         self.features = features
         for ring in self.rings:
             ring.event_idx = bool(features & bit(protocol.F_EVENT_IDX))
@@ -373,6 +378,9 @@ class Connection:
                 done += ring.process(lambda buffers: self.device.handle(index, buffers), ring.num)
         return done
 
+    def complete_held(self, queue: int, fill: Callable[[Buffers], int]) -> bool:
+        return self.rings[queue].complete_held(fill)
+
     @property
     def polled(self) -> bool:
         """Some ring runs without a kick fd (NOFD) and must be looked at periodically."""
@@ -386,6 +394,7 @@ class Connection:
 
     def close(self) -> None:
         """Forget everything this front end set up; no guest memory is touched afterwards."""
+        self.device.attach(None)
         self._reset_rings()
         self._drop_inflight()
         if self.log is not None:
@@ -401,7 +410,7 @@ class Connection:
         self.sock.close()
 
 
-def _prepare_socket_path(path: str) -> None:
+def prepare_socket_path(path: str) -> None:
     """Refuse a path a live listener owns; remove a stale socket file."""
     try:
         st = os.lstat(path)
@@ -431,7 +440,7 @@ class Server:
         self.path = path
         self.device = device
         self.options = options or Options()
-        _prepare_socket_path(path)
+        prepare_socket_path(path)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(path)
@@ -446,6 +455,8 @@ class Server:
         self._wake_w.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, "listen")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        for fileobj, callback in device.watch():
+            self._selector.register(fileobj, selectors.EVENT_READ, callback)
         self._conn: Connection | None = None
         self._stopping = False
 
@@ -498,6 +509,21 @@ class Server:
                 os.read(key.fd, 8)
             except BlockingIOError:
                 pass
+        elif callable(data):
+            self._device_input(data)
+
+    def _device_input(self, callback: Callable[[], None]) -> None:
+        """The device's own input (admin socket); it may complete held requests on the rings,
+        so a ring fault found there ends the connection like any other."""
+        conn = self._conn
+        try:
+            callback()
+        except DeviceBroken as exc:
+            if conn is not None and conn is self._conn:
+                log.error("device broken: %s", exc)
+                self._drop_connection()
+        except Exception as exc:  # a bug must not take the daemon down
+            log.exception("device input failed: %s", exc)
 
     def _accept(self) -> None:
         try:

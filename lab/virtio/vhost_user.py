@@ -410,8 +410,12 @@ class VhostUserTransport(Transport):
         config_size: int = BLK_CONFIG_SIZE,
         gpa_base: int = 0,
         max_queue_size: int = 1024,
+        config: bytes | None = None,
     ) -> None:
+        """`config`: the config space the front end builds itself when the back end does not
+        serve GET_CONFIG (QEMU does for vhost-user-scsi)."""
         self.path = path
+        self._front_end_config = config
         self.timeout = timeout
         self.wanted_protocol_features = protocol_features
         self.config_size = config_size
@@ -450,7 +454,7 @@ class VhostUserTransport(Transport):
         self.connection.send(Request.SET_OWNER)
         if self._get_u64(Request.GET_FEATURES) != self.backend_features:
             raise ProtocolError("back end changed its features between two GET_FEATURES")
-        self._config = self._get_config() if self._has_protocol(PROTOCOL_F_CONFIG) else None
+        self._config = self._get_config() if self._has_protocol(PROTOCOL_F_CONFIG) else self._front_end_config
 
     def _start(self, bases: dict[int, int] | None = None) -> None:
         """Everything QEMU sends when the guest sets DRIVER_OK; rings resume at `bases` (default 0)."""
@@ -592,8 +596,8 @@ class VhostUserTransport(Transport):
         return self._config[offset : offset + size]
 
     def write_config(self, offset: int, data: bytes) -> None:
-        if self._config is None:
-            raise VirtioError("the back end has no config space (PROTOCOL_F_CONFIG not negotiated)")
+        if not self._has_protocol(PROTOCOL_F_CONFIG):
+            raise VirtioError("the back end has no writable config space (PROTOCOL_F_CONFIG not negotiated)")
         if offset < 0 or offset + len(data) > len(self._config):
             raise VirtioError(f"config write [{offset}, +{len(data)}) outside the config space")
         self._send_acked(Request.SET_CONFIG, CONFIG_HEADER.pack(offset, len(data), 0) + bytes(data))
