@@ -10,17 +10,18 @@ independent reading of the spec.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+from conftest import TIMEOUT, DaemonUnderTest, make_image, serving, wait_for
 
 from lab.virtio.blk import BlkDevice
 from lab.virtio.vhost_user import (
@@ -43,8 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUEUES = 2
 IMAGE_SIZE = 16 << 20
 MEM_SIZE = 16 << 20
-TIMEOUT = 5.0
-BROKEN = "device broken:"
 
 F_LOG_ALL, F_INDIRECT, F_PROTOCOL, F_VERSION_1 = 26, 28, 30, 32
 P_MQ, P_LOG_SHMFD, P_REPLY_ACK, P_CONFIG, P_INFLIGHT = 0, 1, 3, 9, 12
@@ -57,69 +56,19 @@ T_IN, T_OUT = 0, 1
 DESC_GPA, AVAIL_GPA, USED_GPA, BUF_GPA = 0x1000, 0x2000, 0x3000, 0x10000
 
 
-class Backend:
-    """`python -m lab backend blk` in its own process group, killed at teardown."""
-
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.socket = str(tmp / "vu.sock")
-        self.image = tmp / "disk.img"
-        self.log = tmp / "backend.log"
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_SIZE)
-        argv = [sys.executable, "-m", "lab", "backend", "blk", "--socket", self.socket, "--image",
-                str(self.image), "--queues", str(QUEUES), "--log", str(self.log), *extra]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and "listening on" in self.log.read_text()),
-                 "the back end to listen")
-        self.check_alive()
-        self.idle_fds = self.fd_count()
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def broken_lines(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if BROKEN in line]
-
-    def check_alive(self) -> None:
-        assert self.proc.poll() is None, f"back end died:\n{self.log.read_text()}"
-
-    def wait_idle(self) -> None:
-        """Back to the fds of a daemon without a front end: nothing leaked."""
-        wait_for(lambda: self.fd_count() == self.idle_fds, f"fd count back to {self.idle_fds}",
-                 lambda: f"has {self.fd_count()}: {sorted(os.listdir(f'/proc/{self.proc.pid}/fd'))}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(TIMEOUT)
-        return self.proc.returncode
-
-
-def wait_for(condition: Callable[[], bool], what: str, detail: Callable[[], str] = lambda: "") -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} {detail()}")
-        time.sleep(0.01)
+def our_blk(tmp: Path, *extra: str) -> DaemonUnderTest:
+    """`python -m lab backend blk` on a fresh image in `tmp` (not started)."""
+    return DaemonUnderTest(kind="ours", socket=str(tmp / "vu.sock"), image=make_image(tmp / "disk.img", IMAGE_SIZE),
+                           log=tmp / "backend.log", queues=QUEUES, extra=extra)
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    b = Backend(tmp_path_factory.mktemp("backend"))
-    try:
-        yield b
-    finally:
-        code = b.stop()
-    assert code == 0, f"back end exit status {code}:\n{b.log.read_text()}"
-    assert "Traceback" not in b.log.read_text()
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonUnderTest]:
+    with serving(our_blk(tmp_path_factory.mktemp("backend"))) as daemon:
+        yield daemon
 
 
-def verified_io(backend: Backend) -> None:
+def verified_io(backend: DaemonUnderTest) -> None:
     """A well-behaved front end: write stamped blocks, read them back on both queues."""
     blk = BlkDevice(VhostUserTransport(backend.socket, mem_size=8 << 20, timeout=TIMEOUT), num_queues=QUEUES)
     try:
@@ -208,17 +157,29 @@ class RawFrontEnd:
         self.mem.close()
 
 
-def expect_broken(backend: Backend, front: RawFrontEnd, before: int) -> None:
-    with pytest.raises(BackendClosed):
-        front.conn.recv(timeout=TIMEOUT)
-    wait_for(lambda: len(backend.broken_lines()) > before, "the 'device broken' log line")
-    assert len(backend.broken_lines()) == before + 1, backend.broken_lines()[before:]
-
-
-def survived(backend: Backend) -> None:
+def survived(backend: DaemonUnderTest) -> None:
     backend.check_alive()
     verified_io(backend)
     backend.wait_idle()
+
+
+@contextlib.contextmanager
+def front_end_to_break(backend: DaemonUnderTest, **options: Any) -> Iterator[RawFrontEnd]:
+    """A RawFrontEnd whose misdeeds in the with block must break its connection and only that:
+    the back end closes it with one "device broken" line and completes nothing, and then
+    survived()."""
+    before = len(backend.broken_lines())
+    front = RawFrontEnd(backend.socket, **options)
+    try:
+        yield front
+        with pytest.raises(BackendClosed):
+            front.conn.recv(timeout=TIMEOUT)
+        wait_for(lambda: len(backend.broken_lines()) > before, "the 'device broken' log line")
+        assert len(backend.broken_lines()) == before + 1, backend.broken_lines()[before:]
+        assert front.used_idx() == 0
+    finally:
+        front.close()
+    survived(backend)
 
 
 # ---- message level ---------------------------------------------------------------------------
@@ -309,20 +270,14 @@ MESSAGE_CASES: dict[str, Callable[[RawFrontEnd], None]] = {
 
 
 @pytest.mark.parametrize("case", list(MESSAGE_CASES))
-def test_bad_message_breaks_only_this_connection(backend: Backend, case: str) -> None:
-    before = len(backend.broken_lines())
+def test_bad_message_breaks_only_this_connection(backend: DaemonUnderTest, case: str) -> None:
     protocol = 1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_CONFIG | 1 << P_LOG_SHMFD | 1 << P_INFLIGHT
-    front = RawFrontEnd(backend.socket, protocol=protocol)
-    try:
+    with front_end_to_break(backend, protocol=protocol) as front:
         u64(front.conn.call(Request.GET_FEATURES, reply=True))  # the setup itself was accepted
         MESSAGE_CASES[case](front)
-        expect_broken(backend, front, before)
-    finally:
-        front.close()
-    survived(backend)
 
 
-def test_unknown_request_is_refused_not_fatal(backend: Backend) -> None:
+def test_unknown_request_is_refused_not_fatal(backend: DaemonUnderTest) -> None:
     before = len(backend.broken_lines())
     front = RawFrontEnd(backend.socket)
     try:
@@ -336,7 +291,7 @@ def test_unknown_request_is_refused_not_fatal(backend: Backend) -> None:
     survived(backend)
 
 
-def test_repeated_setup_messages_do_not_leak(backend: Backend) -> None:
+def test_repeated_setup_messages_do_not_leak(backend: DaemonUnderTest) -> None:
     front = RawFrontEnd(backend.socket, protocol=1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_LOG_SHMFD | 1 << P_INFLIGHT)
     try:
         def churn() -> None:
@@ -420,36 +375,22 @@ DATA_CASES: dict[str, Callable[[RawFrontEnd], None]] = {
 
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
-def test_bad_ring_breaks_only_this_connection(backend: Backend, case: str) -> None:
-    before = len(backend.broken_lines())
-    front = RawFrontEnd(backend.socket, size=256 if case == "chain of 4 GiB" else 16)
-    try:
+def test_bad_ring_breaks_only_this_connection(backend: DaemonUnderTest, case: str) -> None:
+    with front_end_to_break(backend, size=256 if case == "chain of 4 GiB" else 16) as front:
         DATA_CASES[case](front)
-        expect_broken(backend, front, before)
-        assert front.used_idx() == 0
-    finally:
-        front.close()
-    survived(backend)
 
 
-def test_indirect_table_straddling_regions_is_refused(backend: Backend) -> None:
-    before = len(backend.broken_lines())
-    front = RawFrontEnd(backend.socket, regions=2)
-    try:
-        boundary = MEM_SIZE // 2
+def test_indirect_table_straddling_regions_is_refused(backend: DaemonUnderTest) -> None:
+    with front_end_to_break(backend, regions=2) as front:
+        table = MEM_SIZE // 2 - 16  # across the boundary of the two regions
         _header(front)
-        table = boundary - 16
         front.desc(0, BUF_GPA, 16, NEXT, 1, table=table)
         front.desc(1, STATUS, 1, WRITE, 0, table=table)
         front.desc(0, table, 32, INDIRECT)
         front.publish(0)
-        expect_broken(backend, front, before)
-    finally:
-        front.close()
-    survived(backend)
 
 
-def test_unusual_but_valid_chains_work(backend: Backend) -> None:
+def test_unusual_but_valid_chains_work(backend: DaemonUnderTest) -> None:
     """Split headers, data and status sharing a buffer, a buffer across two regions, indirect."""
     before = len(backend.broken_lines())
     front = RawFrontEnd(backend.socket, regions=2)
@@ -492,78 +433,76 @@ def _bit_set(log: bytes, gpa: int) -> bool:
 
 @pytest.mark.parametrize("fault", [None, "no-dirty-log"])
 def test_dirty_log_records_device_writes(tmp_path: Path, fault: str | None) -> None:
-    backend = Backend(tmp_path, *(["--fault", fault] if fault else []))
-    front = RawFrontEnd(backend.socket, features=1 << F_LOG_ALL,
-                        protocol=1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_LOG_SHMFD)
-    log_size = MEM_SIZE // 4096 // 8
-    log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(log_fd, log_size)
-        assert u64(front.conn.call(Request.SET_LOG_BASE, struct.pack("<QQ", log_size, 0), [log_fd], reply=True)) == 0
-        # acked like QEMU does: the ring runs meanwhile and may pick up a request at any time
-        assert front.acked(Request.SET_VRING_ADDR, front.ring_addr(flags=1)) == 0
-        far = 5 << 20  # a data buffer on a page nothing else touches
-        front.request(0, T_IN, 0, [(far, 4096, WRITE), (STATUS, 1, WRITE)])
-        front.publish(0)
-        front.wait_used(1)
-        log = os.pread(log_fd, log_size, 0)
-        assert _bit_set(log, USED_GPA)  # used element and used idx
-        assert _bit_set(log, STATUS) == (fault is None)
-        assert _bit_set(log, far) == (fault is None)
-        assert not _bit_set(log, far + 4096)
-    finally:
-        os.close(log_fd)
-        front.close()
-        assert backend.stop() == 0
+    with serving(our_blk(tmp_path, *(["--fault", fault] if fault else []))) as backend:
+        front = RawFrontEnd(backend.socket, features=1 << F_LOG_ALL,
+                            protocol=1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_LOG_SHMFD)
+        log_size = MEM_SIZE // 4096 // 8
+        log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(log_fd, log_size)
+            assert u64(front.conn.call(Request.SET_LOG_BASE, struct.pack("<QQ", log_size, 0), [log_fd], reply=True)) == 0
+            # acked like QEMU does: the ring runs meanwhile and may pick up a request at any time
+            assert front.acked(Request.SET_VRING_ADDR, front.ring_addr(flags=1)) == 0
+            far = 5 << 20  # a data buffer on a page nothing else touches
+            front.request(0, T_IN, 0, [(far, 4096, WRITE), (STATUS, 1, WRITE)])
+            front.publish(0)
+            front.wait_used(1)
+            log = os.pread(log_fd, log_size, 0)
+            assert _bit_set(log, USED_GPA)  # used element and used idx
+            assert _bit_set(log, STATUS) == (fault is None)
+            assert _bit_set(log, far) == (fault is None)
+            assert not _bit_set(log, far + 4096)
+        finally:
+            os.close(log_fd)
+            front.close()
 
 
 @pytest.mark.parametrize("fault", [None, "no-inflight"])
 def test_inflight_requests_are_resubmitted_after_reconnect(tmp_path: Path, fault: str | None) -> None:
     """A request popped by a back end that then died is redone by the next one (or lost with the
     fault); the region is taken from GET_INFLIGHT_FD and marked the way the layout says."""
-    backend = Backend(tmp_path, *(["--fault", fault] if fault else []))
-    protocol = 1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_INFLIGHT
-    front = RawFrontEnd(backend.socket, protocol=protocol, start=False)
-    try:
-        front.conn.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, 1, 16))
-        data, fds = front.conn.expect_reply(Request.GET_INFLIGHT_FD)
-        inflight_fd = fds[0]
-        front.fds.append(inflight_fd)
-        # a dead back end's state: head 3 popped (counter 1), used idx still 0
-        os.pwrite(inflight_fd, struct.pack("<B5xHQ", 1, 0, 1), 16 + 16 * 3)
-        front.conn.send(Request.SET_INFLIGHT_FD, data, [inflight_fd])
-        pattern = os.urandom(512)
-        front.mem.write(DATA, pattern)
-        front.request(3, T_OUT, 40, [(DATA, 512, 0), (STATUS, 1, WRITE)])
-        front.mem.write(AVAIL_GPA + 4, struct.pack("<H", 3))
-        front.mem.write(AVAIL_GPA + 2, struct.pack("<H", 1))
-        front.avail_idx = 1
-        # the restart QEMU does on reconnect: rings from the used index, with the inflight region
-        front.conn.send(Request.SET_FEATURES, U64.pack(1 << F_VERSION_1 | 1 << F_PROTOCOL))
-        front.acked(Request.SET_MEM_TABLE, front.mem_table(), front.mem.fds)
-        front.conn.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, 16))
-        front.conn.send(Request.SET_VRING_BASE, VRING_STATE.pack(0, 0))
-        front.conn.send(Request.SET_VRING_ADDR, front.ring_addr())
-        front.kick, front.call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-        front.fds += [front.kick, front.call]
-        front.conn.send(Request.SET_VRING_CALL, U64.pack(0), [front.call])
-        front.conn.send(Request.SET_VRING_KICK, U64.pack(0), [front.kick])
-        front.conn.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
-        if fault:
-            time.sleep(0.5)
-            assert front.used_idx() == 0  # the request was dropped: the guest would hang
-        else:
-            front.wait_used(1)
-            with open(backend.image, "rb") as image:
-                image.seek(40 * 512)
-                assert image.read(512) == pattern
-            inflight = os.pread(inflight_fd, 16, 16 + 16 * 3)
-            assert inflight[0] == 0
-        base = front.conn.call(Request.GET_VRING_BASE, VRING_STATE.pack(0, 0), reply=True)
-        assert VRING_STATE.unpack(base) == (0, 1)
-    finally:
-        front.close()
-        assert backend.stop() == 0
+    with serving(our_blk(tmp_path, *(["--fault", fault] if fault else []))) as backend:
+        protocol = 1 << P_MQ | 1 << P_REPLY_ACK | 1 << P_INFLIGHT
+        front = RawFrontEnd(backend.socket, protocol=protocol, start=False)
+        try:
+            front.conn.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, 1, 16))
+            data, fds = front.conn.expect_reply(Request.GET_INFLIGHT_FD)
+            inflight_fd = fds[0]
+            front.fds.append(inflight_fd)
+            # a dead back end's state: head 3 popped (counter 1), used idx still 0
+            os.pwrite(inflight_fd, struct.pack("<B5xHQ", 1, 0, 1), 16 + 16 * 3)
+            front.conn.send(Request.SET_INFLIGHT_FD, data, [inflight_fd])
+            pattern = os.urandom(512)
+            front.mem.write(DATA, pattern)
+            front.request(3, T_OUT, 40, [(DATA, 512, 0), (STATUS, 1, WRITE)])
+            front.mem.write(AVAIL_GPA + 4, struct.pack("<H", 3))
+            front.mem.write(AVAIL_GPA + 2, struct.pack("<H", 1))
+            front.avail_idx = 1
+            # the restart QEMU does on reconnect: rings from the used index, with the inflight region
+            front.conn.send(Request.SET_FEATURES, U64.pack(1 << F_VERSION_1 | 1 << F_PROTOCOL))
+            front.acked(Request.SET_MEM_TABLE, front.mem_table(), front.mem.fds)
+            front.conn.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, 16))
+            front.conn.send(Request.SET_VRING_BASE, VRING_STATE.pack(0, 0))
+            front.conn.send(Request.SET_VRING_ADDR, front.ring_addr())
+            front.kick, front.call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+            front.fds += [front.kick, front.call]
+            front.conn.send(Request.SET_VRING_CALL, U64.pack(0), [front.call])
+            front.conn.send(Request.SET_VRING_KICK, U64.pack(0), [front.kick])
+            front.conn.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+            if fault:
+                time.sleep(0.5)
+                assert front.used_idx() == 0  # the request was dropped: the guest would hang
+            else:
+                front.wait_used(1)
+                with open(backend.image, "rb") as image:
+                    image.seek(40 * 512)
+                    assert image.read(512) == pattern
+                inflight = os.pread(inflight_fd, 16, 16 + 16 * 3)
+                assert inflight[0] == 0
+            base = front.conn.call(Request.GET_VRING_BASE, VRING_STATE.pack(0, 0), reply=True)
+            assert VRING_STATE.unpack(base) == (0, 1)
+        finally:
+            front.close()
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -574,7 +513,7 @@ def _lab(*args: str) -> subprocess.CompletedProcess:
                           timeout=30)
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, backend: Backend) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, backend: DaemonUnderTest) -> None:
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
     sock = str(tmp_path / "s")
@@ -596,7 +535,6 @@ def test_stale_socket_is_replaced_and_sigterm_is_clean(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(tmp_path / "vu.sock"))
     stale.close()  # the file stays, nobody listens
-    backend = Backend(tmp_path)
-    verified_io(backend)
-    assert backend.stop() == 0
+    with serving(our_blk(tmp_path)) as backend:
+        verified_io(backend)
     assert not os.path.exists(backend.socket)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import TIMEOUT, DaemonUnderTest, make_image, serving, wait_for
 
+from lab.backends import SCSI_KIND, ScsiLun
 from lab.virtio.scsi import (
     CHECK_CONDITION,
     CMD_REQ,
@@ -55,49 +56,33 @@ from lab.virtio.scsi import (
     encode_lun,
     qemu_config,
 )
+from lab.virtio.transport import DmaBuffer
 from lab.virtio.vhost_user import VhostUserTransport
 from lab.virtio.workload import stamped, verify, verify_image
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 5.0
 BS = 4096
 PER = BS // 512
 SEED = 77
-BROKEN = "device broken:"
 QUEUES = 2
 
 
-class ScsiBackend:
-    """`python -m lab backend scsi` in its own process group, killed at teardown."""
+@dataclass(kw_only=True)
+class ScsiBackend(DaemonUnderTest):
+    """`python -m lab backend scsi` with an admin socket."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp
-        self.socket = str(tmp / "scsi.sock")
-        self.admin = str(tmp / "admin.sock")
-        self.log = tmp / "backend.log"
-        self.disk = self.image("disk0.img", 64 << 20)
-        self.ro_disk = self.image("ro.img", 8 << 20)
-        self.far_disk = self.image("far.img", 8 << 20)
-        argv = [sys.executable, "-m", "lab", "backend", "scsi", "--socket", self.socket, "--admin", self.admin,
-                "--queues", str(QUEUES), "--log", str(self.log),
-                "--lun", f"0:0={self.disk}", "--lun", f"0:3={self.ro_disk},ro", "--lun", f"2:300={self.far_disk}"]
-        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(lambda: self.proc.poll() is not None or (self.log.exists() and "listening on" in self.log.read_text()),
-                 "the back end to listen")
-        self.check_alive()
+    admin: str
 
-    def image(self, name: str, size: int) -> str:
-        path = self.dir / name
-        with open(path, "wb") as f:
-            f.truncate(size)
-        return str(path)
+    def argv(self) -> list[str]:
+        return super().argv() + ["--admin", self.admin]
 
-    def check_alive(self) -> None:
-        assert self.proc.poll() is None, f"back end died:\n{self.log.read_text()}"
+    @property
+    def disk(self) -> str:
+        return self.luns[0].image
 
-    def broken_lines(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if BROKEN in line]
+    @property
+    def ro_disk(self) -> str:
+        return self.luns[1].image
 
     def admin_command(self, command: dict | bytes) -> dict:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -106,34 +91,19 @@ class ScsiBackend:
             sock.sendall(command if isinstance(command, bytes) else json.dumps(command).encode() + b"\n")
             return json.loads(sock.makefile("rb").readline())
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(TIMEOUT)
-        return self.proc.returncode
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScsiBackend]:
-    b = ScsiBackend(tmp_path_factory.mktemp("scsi"))
-    try:
-        yield b
-    finally:
-        code = b.stop()
-    assert code == 0, f"back end exit status {code}:\n{b.log.read_text()}"
-    assert "Traceback" not in b.log.read_text()
+    tmp = tmp_path_factory.mktemp("scsi")
+    luns = (
+        ScsiLun(target=0, lun=0, image=make_image(tmp / "disk0.img", 64 << 20)),
+        ScsiLun(target=0, lun=3, image=make_image(tmp / "ro.img", 8 << 20), read_only=True),
+        ScsiLun(target=2, lun=300, image=make_image(tmp / "far.img", 8 << 20)),
+    )
+    daemon = ScsiBackend(kind=SCSI_KIND, socket=str(tmp / "scsi.sock"), admin=str(tmp / "admin.sock"),
+                         log=tmp / "backend.log", queues=QUEUES, luns=luns)
+    with serving(daemon):
+        yield daemon
 
 
 def open_host(backend: ScsiBackend, queues: int = 1) -> ScsiHost:
@@ -485,8 +455,8 @@ def test_task_management(host: ScsiHost) -> None:
     good(host.test_unit_ready(0, 0))
 
 
-def test_hotplug_events(host: ScsiHost, backend: ScsiBackend) -> None:
-    image = backend.image("hot.img", 1 << 20)
+def test_hotplug_events(host: ScsiHost, backend: ScsiBackend, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "hot.img", 1 << 20)
     host.post_event_buffers(4)
     assert host.events(0.05) == []  # buffers are held, not completed
     assert backend.admin_command({"op": "add-lun", "lun": "0:9", "file": image}) == {"ok": True}
@@ -508,8 +478,8 @@ def test_hotplug_events(host: ScsiHost, backend: ScsiBackend) -> None:
     check(host.test_unit_ready(0, 9), KEY_ILLEGAL_REQUEST, 0x25)
 
 
-def test_events_missed_without_buffers(backend: ScsiBackend) -> None:
-    image = backend.image("late.img", 1 << 20)
+def test_events_missed_without_buffers(backend: ScsiBackend, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "late.img", 1 << 20)
     host = open_host(backend)
     try:
         assert backend.admin_command({"op": "add-lun", "lun": "0:20", "file": image})["ok"]
@@ -593,55 +563,27 @@ def test_bidirectional_is_refused(host: ScsiHost) -> None:
             t.free_dma(buffer)
 
 
-def _short_request(host: ScsiHost, buf) -> None:
-    host.queues[2].start(1, 2)
-    host.queues[2].add(buf.addr, CMD_REQ.size - 1)
-    host.queues[2].add(buf.addr + 256, CMD_RESP.size, True)
-    host.queues[2].flush()
+def _chain(host: ScsiHost, buf: DmaBuffer, queue: int, buffers: list[tuple[int, int, bool]]) -> None:
+    """One chain on virtqueue `queue` of (offset in buf, length, device-writable) buffers."""
+    q = host.queues[queue]
+    q.start(1, len(buffers))
+    for offset, length, writable in buffers:
+        q.add(buf.addr + offset, length, writable)
+    q.flush()
 
 
-def _short_response(host: ScsiHost, buf) -> None:
+def _valid_cmd_req(buf: DmaBuffer) -> None:
     CMD_REQ.pack_into(buf.view, 0, encode_lun(0, 0), 1, 0, 0, 0, bytes(32))
-    host.queues[2].start(1, 2)
-    host.queues[2].add(buf.addr, CMD_REQ.size)
-    host.queues[2].add(buf.addr + 256, CMD_RESP.size - 1, True)
-    host.queues[2].flush()
 
 
-def _short_tmf(host: ScsiHost, buf) -> None:
-    host.queues[0].start(1, 2)
-    host.queues[0].add(buf.addr, 20)
-    host.queues[0].add(buf.addr + 256, 1, True)
-    host.queues[0].flush()
-
-
-def _no_control_type(host: ScsiHost, buf) -> None:
-    host.queues[0].start(1, 2)
-    host.queues[0].add(buf.addr, 3)
-    host.queues[0].add(buf.addr + 256, 1, True)
-    host.queues[0].flush()
-
-
-def _small_event_buffer(host: ScsiHost, buf) -> None:
-    host.queues[1].start(1, 1)
-    host.queues[1].add(buf.addr, 15, True)
-    host.queues[1].flush()
-
-
-def _readable_event_buffer(host: ScsiHost, buf) -> None:
-    host.queues[1].start(1, 2)
-    host.queues[1].add(buf.addr, 16)
-    host.queues[1].add(buf.addr + 256, 16, True)
-    host.queues[1].flush()
-
-
-MALFORMED = {
-    "cmd_req too short": _short_request,
-    "cmd_resp too small": _short_response,
-    "tmf request too short": _short_tmf,
-    "control type cut off": _no_control_type,
-    "event buffer too small": _small_event_buffer,
-    "readable event buffer": _readable_event_buffer,
+MALFORMED: dict[str, Callable[[ScsiHost, DmaBuffer], None]] = {
+    "cmd_req too short": lambda h, b: _chain(h, b, 2, [(0, CMD_REQ.size - 1, False), (256, CMD_RESP.size, True)]),
+    "cmd_resp too small": lambda h, b: (
+        _valid_cmd_req(b), _chain(h, b, 2, [(0, CMD_REQ.size, False), (256, CMD_RESP.size - 1, True)])),
+    "tmf request too short": lambda h, b: _chain(h, b, 0, [(0, 20, False), (256, 1, True)]),
+    "control type cut off": lambda h, b: _chain(h, b, 0, [(0, 3, False), (256, 1, True)]),
+    "event buffer too small": lambda h, b: _chain(h, b, 1, [(0, 15, True)]),
+    "readable event buffer": lambda h, b: _chain(h, b, 1, [(0, 16, False), (256, 16, True)]),
 }
 
 

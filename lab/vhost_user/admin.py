@@ -11,14 +11,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import os
 import queue
 import socket
 import threading
 from typing import Any, Callable
 
 from lab.errors import LabError
-from lab.vhost_user.server import prepare_socket_path
+from lab.vhost_user.server import close_listener, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,7 @@ class AdminSocket:
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
         self._handler = handler
-        prepare_socket_path(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._listener.bind(path)
-        except OSError as exc:
-            self._listener.close()
-            raise LabError(f"cannot listen on admin socket {path}: {exc.strerror}") from None
-        self._listener.listen(4)
+        self._listener = listen_unix(path, 4, f"admin socket {path}")
         self._listener.settimeout(0.2)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -73,13 +65,9 @@ class AdminSocket:
     def close(self) -> None:
         self._closing.set()
         self._thread.join(2.0)
-        self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        close_listener(self._listener, self.path)
 
     # ---- the client thread ---------------------------------------------------------------
 

@@ -433,6 +433,29 @@ def prepare_socket_path(path: str) -> None:
     raise LabError(f"socket path {path} is in use by a live listener")
 
 
+def listen_unix(path: str, backlog: int, name: str | None = None) -> socket.socket:
+    """A unix stream socket listening on `path` (see prepare_socket_path); LabError naming
+    `name` (default: the path) when it cannot."""
+    prepare_socket_path(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(backlog)
+    except OSError as exc:
+        listener.close()
+        raise LabError(f"cannot listen on {name or path}: {exc.strerror}") from None
+    return listener
+
+
+def close_listener(listener: socket.socket, path: str) -> None:
+    """Close a socket from listen_unix and remove its path."""
+    listener.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Server:
     """Serve `device` on a unix socket, one front end at a time, until SIGTERM/SIGINT."""
 
@@ -440,14 +463,7 @@ class Server:
         self.path = path
         self.device = device
         self.options = options or Options()
-        prepare_socket_path(path)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._listener.bind(path)
-        except OSError as exc:
-            self._listener.close()
-            raise LabError(f"cannot listen on {path}: {exc.strerror}") from None
-        self._listener.listen(1)
+        self._listener = listen_unix(path, 1)
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -566,11 +582,7 @@ class Server:
         finally:
             self.device.close()
             self._selector.close()
-            self._listener.close()
             self._wake_r.close()
             self._wake_w.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            close_listener(self._listener, self.path)
             log.info("stopped")

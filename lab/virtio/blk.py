@@ -15,7 +15,6 @@ from typing import Callable, Sequence, Union
 
 from . import DeviceTimeout, VirtioError
 from .device import VirtioDevice, bit
-from .ring import SplitQueue
 from .transport import F_EVENT_IDX, F_INDIRECT_DESC, DmaBuffer, Transport
 
 SECTOR = 512
@@ -143,7 +142,6 @@ class BlkDevice:
         self.transport = transport
         self.timeout = timeout
         self.device = VirtioDevice(transport)
-        self._scratch: list[DmaBuffer] = []
         try:
             self.features = self.device.negotiate(DRIVER_FEATURES & ~without)
             self.config = BlkConfig.parse(self.device.read_config(0, CONFIG_SIZE))
@@ -151,10 +149,9 @@ class BlkDevice:
             if not 1 <= num_queues <= available:
                 raise VirtioError(f"{num_queues} queues requested, the device offers {available}")
             self.queues = self.device.setup_queues(num_queues, queue_size, indirect_max)
-            self._scratch = [transport.alloc_dma(_SCRATCH) for _ in self.queues]
+            self._scratch = [self.device.alloc_dma(_SCRATCH) for _ in self.queues]
             self.device.driver_ok()
         except BaseException:
-            self._free_scratch()
             self.device.reset()
             raise
         self.indirect_max = indirect_max if self.has(F_INDIRECT_DESC) else 0
@@ -164,7 +161,6 @@ class BlkDevice:
         # QEMU's storage daemon offers SIZE_MAX with size_max 0: read that as "no limit"
         size_max = self.config.size_max if self.has(F_SIZE_MAX) else 0
         self.max_segment_bytes = size_max if size_max >= SECTOR else 1 << 31
-        self._token = 0
 
     def has(self, feature_bit: int) -> bool:
         return self.device.has(feature_bit)
@@ -229,30 +225,22 @@ class BlkDevice:
         indirect: bool = False,
     ) -> int:
         """One request: header, data buffers (all readable or all writable), status. Used length."""
-        q = self.queues[queue]
         scratch = self._scratch[queue]
         _HEADER.pack_into(scratch.view, 0, type_, 0, sector)
         scratch.view[_STATUS_OFF] = _UNSET_STATUS
-        self._token += 1
-        token = self._token
-        q.start(token, len(data) + 2, indirect)
-        q.add(scratch.addr, _HEADER.size, False)
-        for addr, length in data:
-            q.add(addr, length, writable)
-        q.add(scratch.addr + _STATUS_OFF, 1, True)
-        q.flush()
-        used = self._wait(q, token)
+        header, status_byte = (scratch.addr, _HEADER.size), (scratch.addr + _STATUS_OFF, 1)
+        if writable:
+            readable, written = [header], [*data, status_byte]
+        else:
+            readable, written = [header, *data], [status_byte]
+        used = self.queues[queue].call(readable, written, self.timeout, indirect)
         status = scratch.view[_STATUS_OFF]
         if status != S_OK:
             raise status_error(status, f"request type {type_} at sector {sector}")
         return used
 
     def close(self) -> None:
-        try:
-            self._free_scratch()
-            self.device.reset()
-        finally:
-            self.transport.close()
+        self.device.close()
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -284,20 +272,6 @@ class BlkDevice:
         for i, (sector, count) in enumerate(ranges):
             _RANGE.pack_into(scratch.view, _RANGES_OFF + i * _RANGE.size, sector, count, flags)
         self.execute(queue, type_, 0, [(scratch.addr + _RANGES_OFF, len(ranges) * _RANGE.size)], False)
-
-    def _wait(self, q: SplitQueue, token: int) -> int:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            for cookie, used in q.reap(max(deadline - time.monotonic(), 0)):
-                if cookie == token:
-                    return used
-            if time.monotonic() >= deadline:
-                raise DeviceTimeout(f"queue {q.index}: no completion within {self.timeout}s")
-
-    def _free_scratch(self) -> None:
-        for buffer in self._scratch:
-            self.transport.free_dma(buffer)
-        self._scratch = []
 
 
 class IoSlots:
@@ -383,17 +357,20 @@ def random_io(
     pick = random.Random(seed).randrange
     slots = [IoSlots(blk, q, depth, block_size) for q in queues]
     submitted = done = errors = 0
+
+    def submit_random(s: IoSlots, slot: int) -> None:
+        nonlocal submitted
+        block = pick(blocks)
+        if fill is not None:
+            fill(s.buffers[slot].view, block)
+        s.submit(slot, type_, block * per_block)
+        submitted += 1
+
     try:
         start = time.perf_counter()
         for s in slots:
-            for slot in range(depth):
-                if submitted == ios:
-                    break
-                block = pick(blocks)
-                if fill is not None:
-                    fill(s.buffers[slot].view, block)
-                s.submit(slot, type_, block * per_block)
-                submitted += 1
+            for slot in range(min(depth, ios - submitted)):
+                submit_random(s, slot)
             s.kick()
         wait = blk.timeout if len(slots) == 1 else 0.001  # never sleep on one queue while another has work
         last_progress = time.monotonic()
@@ -407,11 +384,7 @@ def random_io(
                     done += 1
                     errors += status != S_OK
                     if submitted < ios:
-                        block = pick(blocks)
-                        if fill is not None:
-                            fill(s.buffers[slot].view, block)
-                        s.submit(slot, type_, block * per_block)
-                        submitted += 1
+                        submit_random(s, slot)
                 s.kick()
             if time.monotonic() - last_progress > blk.timeout:
                 raise DeviceTimeout(f"random I/O stalled after {done} of {ios} completions")

@@ -69,8 +69,8 @@ class VirtioDevice:
                 self._fail(f"queue {index} does not exist on the device")
             qsize = min(size, limit)
             qsize = 1 << (qsize.bit_length() - 1)  # a power of two <= both
-            ring = self._alloc(ring_layout(qsize)[2])
-            tables = self._alloc(qsize * indirect_max * 16) if indirect else None
+            ring = self.alloc_dma(ring_layout(qsize)[2])
+            tables = self.alloc_dma(qsize * indirect_max * 16) if indirect else None
             queue = SplitQueue(
                 index, qsize, ring, partial(t.notify, index), partial(t.wait, index),
                 event_idx=event_idx, indirect=tables, indirect_max=indirect_max,
@@ -104,7 +104,7 @@ class VirtioDevice:
         self.transport.write_config(offset, data)
 
     def reset(self) -> None:
-        """Reset the device and drop every queue (their memory returns to the transport)."""
+        """Reset the device and drop every queue; all memory from alloc_dma returns to the transport."""
         self.transport.reset()
         self.queues = []
         for buffer in self._dma:
@@ -118,7 +118,8 @@ class VirtioDevice:
         finally:
             self.transport.close()
 
-    def _alloc(self, size: int) -> DmaBuffer:
+    def alloc_dma(self, size: int) -> DmaBuffer:
+        """DMA memory for rings and request buffers that lives until the next reset()."""
         buffer = self.transport.alloc_dma(size, 4096)
         self._dma.append(buffer)
         return buffer

@@ -16,9 +16,9 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from . import QueueFull, VirtioError
+from . import DeviceTimeout, QueueFull, VirtioError
 from .transport import DmaBuffer
 
 if sys.byteorder != "little":  # the casts below read ring fields in native order
@@ -311,6 +311,28 @@ class SplitQueue:
             self.disable_interrupts()
             if done or time.monotonic() >= deadline:
                 return done
+
+    def call(
+        self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]], timeout: float,
+        indirect: bool = False,
+    ) -> int:
+        """One request of (device address, length) buffers, readable ones first, published and
+        waited for: its used length. For synchronous drivers with nothing else in flight here:
+        completions of other requests that arrive meanwhile are dropped."""
+        cookie = object()
+        self.start(cookie, len(readable) + len(writable), indirect)
+        for addr, length in readable:
+            self.add(addr, length, False)
+        for addr, length in writable:
+            self.add(addr, length, True)
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            for done, used in self.reap(max(deadline - time.monotonic(), 0)):
+                if done is cookie:
+                    return used
+            if time.monotonic() >= deadline:
+                raise DeviceTimeout(f"queue {self.index}: no completion within {timeout}s")
 
     # ---- raw access for tests that hand the device malformed rings --------------------
 

@@ -11,13 +11,11 @@ and block read/write helpers.
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from . import DeviceTimeout, VirtioError
+from . import VirtioError
 from .device import VirtioDevice, bit
-from .ring import SplitQueue
 from .transport import F_EVENT_IDX, F_INDIRECT_DESC, DmaBuffer, Transport
 
 F_INOUT, F_HOTPLUG, F_CHANGE, F_T10_PI = 0, 1, 2, 3
@@ -175,7 +173,6 @@ class ScsiHost:
         self.transport = transport
         self.timeout = timeout
         self.device = VirtioDevice(transport)
-        self._scratch: list[DmaBuffer] = []
         self._event_buffers: dict[int, DmaBuffer] = {}
         try:
             self.features = self.device.negotiate(DRIVER_FEATURES & ~without)
@@ -183,10 +180,9 @@ class ScsiHost:
             if not 1 <= num_queues <= self.config.num_queues:
                 raise VirtioError(f"{num_queues} request queues requested, the device offers {self.config.num_queues}")
             self.queues = self.device.setup_queues(FIRST_REQUEST_QUEUE + num_queues, queue_size)
-            self._scratch = [transport.alloc_dma(_DATA_OFF + data_size) for _ in self.queues]
+            self._scratch = [self.device.alloc_dma(_DATA_OFF + data_size) for _ in self.queues]
             self.device.driver_ok()
         except BaseException:
-            self._free()
             self.device.reset()
             raise
         self.data_size = data_size
@@ -203,16 +199,7 @@ class ScsiHost:
     ) -> int:
         """One chain of (device address, length) buffers on queue `queue` (a virtqueue index);
         waits for it and returns the used length."""
-        q = self.queues[queue]
-        self._token += 1
-        token = self._token
-        q.start(token, len(readable) + len(writable), indirect)
-        for addr, length in readable:
-            q.add(addr, length, False)
-        for addr, length in writable:
-            q.add(addr, length, True)
-        q.flush()
-        return self._wait(q, token)
+        return self.queues[queue].call(readable, writable, self.timeout, indirect)
 
     def command(
         self, target: int, lun: int, cdb: bytes, *, data_out: bytes = b"", data_in: int = 0, queue: int = 0,
@@ -268,7 +255,7 @@ class ScsiHost:
     def post_event_buffers(self, count: int) -> None:
         q = self.queues[EVENT_QUEUE]
         for _ in range(count):
-            buffer = self.transport.alloc_dma(_EVENT_BUFFER)
+            buffer = self.device.alloc_dma(_EVENT_BUFFER)
             self._token += 1
             self._event_buffers[self._token] = buffer
             q.start(self._token, 1)
@@ -359,25 +346,4 @@ class ScsiHost:
         return disks
 
     def close(self) -> None:
-        try:
-            self._free()
-            self.device.reset()
-        finally:
-            self.transport.close()
-
-    # ---- helpers --------------------------------------------------------------------------
-
-    def _wait(self, q: SplitQueue, token: int) -> int:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            for cookie, used in q.reap(max(deadline - time.monotonic(), 0)):
-                if cookie == token:
-                    return used
-            if time.monotonic() >= deadline:
-                raise DeviceTimeout(f"queue {q.index}: no completion within {self.timeout}s")
-
-    def _free(self) -> None:
-        for buffer in self._scratch + list(self._event_buffers.values()):
-            self.transport.free_dma(buffer)
-        self._scratch = []
-        self._event_buffers = {}
+        self.device.close()
