@@ -1,7 +1,8 @@
-"""vhost-user-blk back ends as processes, for tests and benches.
+"""vhost-user back ends as processes, for tests and benches.
 
-Two kinds: "ours" (`python -m lab backend blk ...`) and "qsd" (qemu-storage-daemon's
-vhost-user-blk export, the reference implementation). Each back end runs in its own process
+Three kinds: "ours" (`python -m lab backend blk ...`), "qsd" (qemu-storage-daemon's
+vhost-user-blk export, the reference implementation) and "scsi" (`python -m lab backend scsi
+...`, our vhost-user-scsi serving the logical units in `luns`). Each back end runs in its own process
 group (started through lab.qemu.process.spawn, so it also dies with the lab), is waited for
 through its socket, and is killed by stop(); finish() and close() turn a crash, an unclean exit or
 trouble in its log (TROUBLE) into problems.
@@ -24,7 +25,8 @@ from pathlib import Path
 from lab.errors import LabError
 from lab.qemu.process import spawn, stop_group
 
-BACKEND_KINDS = ("ours", "qsd")
+BACKEND_KINDS = ("ours", "qsd")  # the vhost-user-blk kinds, compared with each other
+SCSI_KIND = "scsi"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ TROUBLE = {
     "ours": re.compile(r" ERROR |device broken|Traceback"),
     "qsd": re.compile(r"vu_panic|[Aa]ssertion|Traceback"),
 }
+TROUBLE[SCSI_KIND] = TROUBLE["ours"]
 _CLEAN_EXIT = (0, -signal.SIGTERM, None)
 # qemu-storage-daemon answers GET_ID with this fixed string (QEMU 7.2 has no option to set it).
 QSD_SERIAL = "vhost_user_blk"
@@ -52,21 +55,46 @@ def backend_available(kind: str) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
+class ScsiLun:
+    """One logical unit of a "scsi" back end: target:lun on a raw image."""
+
+    target: int
+    lun: int
+    image: str
+    read_only: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.target}:{self.lun}"
+
+    def spec(self) -> str:
+        """The back end's `--lun T:L=FILE[,ro]` value."""
+        if "," in self.image:
+            raise BackendError(f"LUN {self.address}: image path {self.image!r} contains a comma")
+        return f"{self.address}={self.image}" + (",ro" if self.read_only else "")
+
+
+@dataclass(kw_only=True)
 class BackendProcess:
-    """One back-end process serving `image` on `socket`."""
+    """One back-end process on `socket`: blk kinds serve `image`, the scsi kind serves `luns`."""
 
     kind: str
     socket: str
-    image: str
     log: Path
+    image: str = ""
+    luns: tuple[ScsiLun, ...] = ()
     queues: int = 2
-    read_only: bool = False
-    serial: str | None = None
+    read_only: bool = False  # blk kinds; a scsi LUN has its own
+    serial: str | None = None  # "ours" only
     extra: tuple[str, ...] = ()
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def argv(self) -> list[str]:
+        if self.kind == SCSI_KIND:
+            return self._scsi_argv()
+        if not self.image or self.luns:
+            raise BackendError(f"a {self.kind} back end serves one image, not LUNs")
         if self.kind == "ours":
             argv = [sys.executable, "-m", "lab", "backend", "blk", "--socket", self.socket,
                     "--image", self.image, "--queues", str(self.queues)]
@@ -76,7 +104,9 @@ class BackendProcess:
                 argv += ["--serial", self.serial]
             return argv + list(self.extra)
         if self.kind != "qsd":
-            raise BackendError(f"unknown back end kind {self.kind!r} (known: {', '.join(BACKEND_KINDS)})")
+            raise BackendError(
+                f"unknown back end kind {self.kind!r} (known: {', '.join((*BACKEND_KINDS, SCSI_KIND))})"
+            )
         # QSD has no serial option: its GET_ID answer is fixed ("vhost_user_blk")
         read_only = ",read-only=on" if self.read_only else ""
         return [
@@ -87,6 +117,16 @@ class BackendProcess:
                         f"num-queues={self.queues}",
             *self.extra,
         ]
+
+    def _scsi_argv(self) -> list[str]:
+        if self.image or self.read_only or self.serial is not None:
+            raise BackendError("a scsi back end takes LUNs (each with its own read-only flag), not image/serial")
+        if not self.luns:
+            raise BackendError("a scsi back end needs at least one LUN")
+        argv = [sys.executable, "-m", "lab", "backend", "scsi", "--socket", self.socket, "--queues", str(self.queues)]
+        for lun in self.luns:
+            argv += ["--lun", lun.spec()]
+        return argv + list(self.extra)
 
     @property
     def guest_serial(self) -> str:

@@ -10,9 +10,11 @@ Under TCG the guest itself is a big part of every number: compare the ratio, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from images.builder import ensure_image
@@ -22,7 +24,8 @@ from lab.bench.backend import create_warm_image, image_size, positive_float
 from lab.errors import LabError
 from lab.guest import fio
 from lab.guest.ssh import GuestSSH
-from lab.qemu.machine import Machine, MachineConfig, vhost_user_blk_disk
+from images import ImageInfo
+from lab.qemu.machine import Machine, MachineConfig, Option, vhost_user_blk_disk
 
 MiB = 1 << 20
 QUEUES = 2
@@ -34,6 +37,8 @@ WORKLOADS: dict[str, dict[str, object]] = {
     "randwrite-4k-qd32": {"rw": "randwrite", "bs": "4k", "iodepth": 32},
     "seqread-1m-qd4": {"rw": "read", "bs": "1M", "iodepth": 4},
 }
+Workloads = Mapping[str, Mapping[str, object]]
+Samples = dict[tuple[str, str], list[dict[str, float]]]  # (workload, side) -> runs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,11 +57,8 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             raise LabError(f"bench guest-blk needs both back ends: {reason}")
     image = ensure_image(progress=progress)
-    workdir = Path(tempfile.mkdtemp(prefix="lab-bench-gblk-"))
     backends: dict[str, BackendProcess] = {}
-    machine: Machine | None = None
-    ok = False
-    try:
+    with bench_dir("guest-blk") as workdir, contextlib.ExitStack() as stack:
         for kind in BACKEND_KINDS:
             disk = workdir / f"{kind}.img"
             progress(f"bench guest-blk: writing a {args.image_size // MiB} MiB image for {kind}")
@@ -64,50 +66,78 @@ def run(args: argparse.Namespace) -> int:
             backends[kind] = BackendProcess(
                 kind=kind, socket=str(workdir / f"{kind}.sock"), image=str(disk), log=workdir / f"{kind}.log",
                 queues=QUEUES, serial=OURS_SERIAL if kind == "ours" else None,
-            ).start()
+            )
+            stack.callback(backends[kind].stop)
+            backends[kind].start()
         options = [opt for kind, b in backends.items() for opt in vhost_user_blk_disk(f"vu-{kind}", b.socket, QUEUES)]
-        machine = Machine(MachineConfig("bench", image, workdir / "vm", mem_mib=GUEST_MEM_MIB, options=options))
-        machine.launch()
-        progress(f"bench guest-blk: guest up in {machine.wait_ready():.1f} s")
+        machine = stack.enter_context(boot_guest("guest-blk", image, workdir, options))
         devices = {kind: machine.ssh.disk_by_serial(b.guest_serial) for kind, b in backends.items()}
-        samples = measure_all(machine.ssh, devices, backends, args.seconds, args.repeat)
+        samples = measure_all(machine.ssh, devices, WORKLOADS, args.seconds, args.repeat,
+                              check=lambda kind: backends[kind].check_alive())
         accel = machine.accel.name if machine.accel else "?"
         machine.shutdown()
         for backend in backends.values():
             backend.check_alive()
             backend.close()
+    result = summarize(samples, args, accel)
+    emit(result, args.json, table(result, f"{QUEUES}-queue vhost-user-blk disks"))
+    return 0
+
+
+@contextlib.contextmanager
+def bench_dir(bench: str) -> Iterator[Path]:
+    """A scratch directory for one bench run: removed after success; after a failure its images
+    are deleted and the logs kept (and their place printed)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"lab-bench-{bench}-"))
+    ok = False
+    try:
+        yield workdir
         ok = True
     finally:
-        if machine is not None:
-            machine.shutdown()
-        for backend in backends.values():
-            backend.stop()
         for disk in workdir.glob("*.img"):
             disk.unlink()
         if ok:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            progress(f"bench guest-blk: logs kept in {workdir}")
-    result = summarize(samples, args, accel)
-    emit(result, args.json, table(result))
-    return 0
+            progress(f"bench {bench}: logs kept in {workdir}")
+
+
+@contextlib.contextmanager
+def boot_guest(bench: str, image: ImageInfo, workdir: Path, options: list[Option]) -> Iterator[Machine]:
+    """The bench's guest, up and reachable over SSH; shut down on the way out."""
+    machine = Machine(MachineConfig("bench", image, workdir / "vm", mem_mib=GUEST_MEM_MIB, options=options))
+    try:
+        machine.launch()
+        progress(f"bench {bench}: guest up in {machine.wait_ready():.1f} s")
+        yield machine
+    finally:
+        machine.shutdown()
 
 
 def measure_all(
-    ssh: GuestSSH, devices: dict[str, str], backends: dict[str, BackendProcess], seconds: float, repeat: int
-) -> dict[tuple[str, str], list[dict[str, float]]]:
-    """Samples (iops, mb_s) by (workload, kind); the kinds alternate which runs first."""
-    samples: dict[tuple[str, str], list[dict[str, float]]] = {}
-    total, done = repeat * len(WORKLOADS) * len(devices), 0
+    ssh: GuestSSH,
+    devices: dict[str, str],
+    workloads: Workloads,
+    seconds: float,
+    repeat: int,
+    check: Callable[[str], None] = lambda side: None,
+) -> Samples:
+    """Samples (iops, mb_s) by (workload, side); the sides alternate which runs first, and
+    `check(side)` runs before each of its runs (e.g. that its back end is still alive)."""
+    samples: Samples = {}
+    total, done = repeat * len(workloads) * len(devices), 0
+    width = max(map(len, devices))
     for rep in range(repeat):
-        kinds = list(devices) if rep % 2 == 0 else list(devices)[::-1]
-        for name, job in WORKLOADS.items():
-            for kind in kinds:
-                backends[kind].check_alive()
-                sample = measure(ssh, devices[kind], job, seconds)
-                samples.setdefault((name, kind), []).append(sample)
+        sides = list(devices) if rep % 2 == 0 else list(devices)[::-1]
+        for name, job in workloads.items():
+            for side in sides:
+                check(side)
+                sample = measure(ssh, devices[side], job, seconds)
+                samples.setdefault((name, side), []).append(sample)
                 done += 1
-                progress(f"[{done}/{total}] {kind:4} {name}: {sample['iops']:8.0f} IOPS {sample['mb_s']:7.1f} MB/s")
+                progress(
+                    f"[{done}/{total}] {side:{width}} {name}: {sample['iops']:8.0f} IOPS {sample['mb_s']:7.1f} MB/s"
+                )
     return samples
 
 
@@ -121,19 +151,7 @@ def measure(ssh: GuestSSH, device: str, job: dict[str, object], seconds: float) 
     return {"iops": iops, "mb_s": (result.read_bw_kib + result.write_bw_kib) * 1024 / 1e6}
 
 
-def summarize(samples: dict[tuple[str, str], list[dict[str, float]]], args: argparse.Namespace, accel: str) -> dict:
-    rows = []
-    for name, job in WORKLOADS.items():
-        sides = {
-            kind: {
-                "iops": round(statistics.median(s["iops"] for s in samples[(name, kind)]), 1),
-                "mb_s": round(statistics.median(s["mb_s"] for s in samples[(name, kind)]), 2),
-                "iops_runs": [round(s["iops"], 1) for s in samples[(name, kind)]],
-            }
-            for kind in BACKEND_KINDS
-        }
-        qsd = sides["qsd"]["iops"]
-        rows.append({"workload": name, **job, **sides, "ratio": round(sides["ours"]["iops"] / qsd, 3) if qsd else 0.0})
+def summarize(samples: Samples, args: argparse.Namespace, accel: str) -> dict:
     return {
         "bench": "guest-blk",
         "seconds_per_run": args.seconds,
@@ -141,23 +159,42 @@ def summarize(samples: dict[tuple[str, str], list[dict[str, float]]], args: argp
         "image_size": args.image_size,
         "queues": QUEUES,
         "accel": accel,
-        "rows": rows,
+        "sides": list(BACKEND_KINDS),
+        "rows": compare(samples, WORKLOADS, BACKEND_KINDS),
     }
 
 
-def table(result: dict) -> list[str]:
-    head = f"{'workload':18} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours MB/s':>9} {'qsd MB/s':>9} {'ratio':>6}"
+def compare(samples: Samples, workloads: Workloads, sides: Iterable[str]) -> list[dict]:
+    """A row per workload: median IOPS and MB/s of each side, ratio = first side / second (IOPS)."""
+    ours, reference = sides
+    rows = []
+    for name, job in workloads.items():
+        medians = {
+            side: {
+                "iops": round(statistics.median(s["iops"] for s in samples[(name, side)]), 1),
+                "mb_s": round(statistics.median(s["mb_s"] for s in samples[(name, side)]), 2),
+                "iops_runs": [round(s["iops"], 1) for s in samples[(name, side)]],
+            }
+            for side in (ours, reference)
+        }
+        base = medians[reference]["iops"]
+        rows.append({"workload": name, **job, **medians, "ratio": round(medians[ours]["iops"] / base, 3) if base else 0.0})
+    return rows
+
+
+def table(result: dict, disks: str) -> list[str]:
+    """Human-readable `result` of a bench comparing result["sides"] on `disks` (what they are)."""
+    ours, reference = result["sides"]
+    columns = [f"{ours} IOPS", f"{reference} IOPS", f"{ours} MB/s", f"{reference} MB/s"]
+    head = f"{'workload':18} " + " ".join(f"{c:>{max(10, len(c))}}" for c in columns) + f" {'ratio':>6}"
     lines = [
-        f"fio in a guest ({result['accel']}), {result['queues']}-queue vhost-user-blk disks of "
-        f"{result['image_size'] // MiB} MiB, {result['seconds_per_run']} s per run, median of {result['repeat']}; "
-        "ratio = ours/qsd IOPS",
+        f"fio in a guest ({result['accel']}), {disks} of {result['image_size'] // MiB} MiB, "
+        f"{result['seconds_per_run']} s per run, median of {result['repeat']}; ratio = {ours}/{reference} IOPS",
         head,
         "-" * len(head),
     ]
     for row in result["rows"]:
-        ours, qsd = row["ours"], row["qsd"]
-        lines.append(
-            f"{row['workload']:18} {ours['iops']:10.0f} {qsd['iops']:10.0f} {ours['mb_s']:9.1f} {qsd['mb_s']:9.1f} "
-            f"{row['ratio']:6.2f}"
-        )
+        values = [row[ours]["iops"], row[reference]["iops"], row[ours]["mb_s"], row[reference]["mb_s"]]
+        cells = [f"{v:>{max(10, len(c))}.{0 if 'IOPS' in c else 1}f}" for v, c in zip(values, columns)]
+        lines.append(f"{row['workload']:18} " + " ".join(cells) + f" {row['ratio']:6.2f}")
     return lines

@@ -87,22 +87,45 @@ def chardev(backend: str, props: Mapping[str, Value] | None = None, **kw: Value)
     return option("-chardev", backend, props, **kw)
 
 
+def image_blockdev(
+    node: str, path: Path, read_only: bool = False, fmt: str = "raw", unmap: bool = False
+) -> Option:
+    """A block node on an image file (read-only is inherited by the file node); with `unmap`,
+    the guest's discards punch holes in the file."""
+    props: dict[str, Value] = {"driver": fmt, "node-name": node, "read-only": read_only}
+    if unmap:
+        props["discard"] = "unmap"
+    return option("-blockdev", None, {**props, "file.driver": "file", "file.filename": path})
+
+
 def virtio_blk_disk(
     node: str, path: Path, serial: str, read_only: bool = False, fmt: str = "raw"
 ) -> list[Option]:
-    """QEMU's built-in virtio-blk-pci on an image file (read-only is inherited by the file node)."""
-    blockdev = option(
-        "-blockdev",
-        None,
-        {
-            "driver": fmt,
-            "node-name": node,
-            "read-only": read_only,
-            "file.driver": "file",
-            "file.filename": path,
-        },
-    )
-    return [blockdev, device("virtio-blk-pci", drive=node, serial=serial)]
+    """QEMU's built-in virtio-blk-pci on an image file."""
+    return [image_blockdev(node, path, read_only, fmt), device("virtio-blk-pci", drive=node, serial=serial)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScsiHd:
+    """One scsi-hd of QEMU's built-in virtio-scsi-pci: target:lun on a raw image."""
+
+    target: int
+    lun: int
+    image: Path
+    read_only: bool = False
+    serial: str | None = None  # VPD page 0x80 exists only with a serial
+
+
+def virtio_scsi_disks(controller: str, disks: Iterable[ScsiHd], num_queues: int = 1) -> list[Option]:
+    """QEMU's built-in virtio-scsi-pci with a scsi-hd for each of `disks`."""
+    options = [device("virtio-scsi-pci", id=controller, num_queues=num_queues)]
+    for disk in disks:
+        node = f"{controller}-{disk.target}-{disk.lun}"
+        props: dict[str, Value] = {"bus": f"{controller}.0", "scsi-id": disk.target, "lun": disk.lun}
+        if disk.serial is not None:
+            props["serial"] = disk.serial
+        options += [image_blockdev(node, disk.image, disk.read_only, unmap=True), device("scsi-hd", props, drive=node)]
+    return options
 
 
 def vhost_user_blk_disk(chardev_id: str, socket: str | Path, num_queues: int) -> list[Option]:
@@ -110,6 +133,17 @@ def vhost_user_blk_disk(chardev_id: str, socket: str | Path, num_queues: int) ->
     return [
         chardev("socket", id=chardev_id, path=socket),
         device("vhost-user-blk-pci", {"num-queues": num_queues}, chardev=chardev_id),
+    ]
+
+
+def vhost_user_scsi_disk(chardev_id: str, socket: str | Path, num_queues: int) -> list[Option]:
+    """A vhost-user-scsi-pci whose back end is a separate process listening on `socket`.
+
+    QEMU's num_queues (request queues) defaults to the vCPU count: it is set explicitly because
+    it must not exceed the request queues the back end offers."""
+    return [
+        chardev("socket", id=chardev_id, path=socket),
+        device("vhost-user-scsi-pci", chardev=chardev_id, num_queues=num_queues),
     ]
 
 
