@@ -59,6 +59,9 @@ class VirtQueue:
         self.kick_fd = -1
         self.call_fd = -1
         self.err_fd = -1
+        # QEMU 7.2 may enable a ring before its SET_VRING_CALL arrives; a completion in that gap
+        # must still interrupt the guest (Linux's virtio_scsi never times a command out).
+        self.call_missed = False
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -93,6 +96,9 @@ class VirtQueue:
         if old >= 0:
             os.close(old)
         setattr(self, attr, fd)
+        if kind == "call" and fd >= 0 and self.call_missed:
+            self.call_missed = False
+            os.eventfd_write(fd, 1)
 
     def set_num(self, num: int) -> None:
         self.detach()
@@ -322,5 +328,8 @@ class VirtQueue:
             call = vring_need_event(self._avail[2 + self.num], new, old)
         else:
             call = not self._avail[0] & AVAIL_F_NO_INTERRUPT
-        if call and self.call_fd >= 0:
-            os.eventfd_write(self.call_fd, 1)
+        if call:
+            if self.call_fd >= 0:
+                os.eventfd_write(self.call_fd, 1)
+            else:
+                self.call_missed = True
