@@ -356,3 +356,14 @@ def test_image_info_without_a_built_image_says_how_to_build(
     monkeypatch.setenv("LAB_CACHE", str(tmp_path))
     with pytest.raises(LabError, match="run `lab image build`"):
         image.run_info(argparse.Namespace(verify=False))
+
+
+def test_doctor_fix_without_root_prints_the_command_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(host, "_SBIN_DIRS", ())
+    _fake_binaries(tmp_path / "bin", skip={"fio"})
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 1000)
+    assert doctor.run(argparse.Namespace(fix=True)) == 1
+    assert "apt-get install -y --no-install-recommends fio" in capsys.readouterr().err

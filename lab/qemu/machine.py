@@ -197,6 +197,8 @@ def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> 
         option("-netdev", "user", id="net0", hostfwd=f"tcp:127.0.0.1:{ssh_port}-:22"),
         # romfile= : PVH boot never uses the NIC's boot ROM, so don't load it.
         device("virtio-net-pci", netdev="net0", romfile=""),
+        # sshd waits for the kernel's RNG to be seeded; a virtio-rng seeds it at once (0.8 s)
+        device("virtio-rng-pci"),
     ]
     argv = [config.qemu, "-name", config.name, *accel.argv]
     argv += ["-M", "q35,memory-backend=mem,smbus=off,sata=off", "-m", f"{config.mem_mib}M"]
