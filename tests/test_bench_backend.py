@@ -19,7 +19,7 @@ def result() -> dict:
         if reason:
             pytest.skip(reason)
     argv = [sys.executable, "-m", "lab", "bench", "backend", "--json",
-            "--seconds", "0.05", "--repeat", "1", "--image-size", "16M"]
+            "--seconds", "0.05", "--repeat", "1", "--image-size", "16M", "--no-scsi"]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "[16/16]" in done.stderr  # progress goes to stderr, one line per run

@@ -63,6 +63,7 @@ GUEST_MEMORY = 16 * MiB  # room for the largest workload's buffers (2 queues x 4
 IO_TIMEOUT = 10.0  # no completion for this long: the back end is stuck
 MULTI_QUEUE_WAIT = 0.001  # one thread serves every queue: never sleep long on one while others have work
 MIN_IMAGE = 16 * MiB
+SCSI_IMAGE = 256 * MiB
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeat", type=positive_int, default=5, help="runs per row and back end; rows show the median (5)")
     parser.add_argument("--image-size", type=image_size, default=1 << 30, metavar="SIZE",
                         help="raw image size, e.g. 256M, 1G (1G)")
+    parser.add_argument("--no-scsi", dest="scsi", action="store_false",
+                        help="skip the scsi rows (they boot a guest: ours vs QEMU's virtio-scsi, fio inside)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 
@@ -136,7 +139,15 @@ def run(args: argparse.Namespace) -> int:
             (workdir / "disk.img").unlink(missing_ok=True)
             progress(f"bench backend: back end logs kept in {workdir}")
     result = summarize(samples, args)
-    emit(result, args.json, table(result))
+    lines = table(result)
+    if args.scsi:
+        # vhost-user-scsi has no host-side reference back end: compare it with QEMU's own
+        # virtio-scsi behind the same guest
+        from lab.bench import guest_scsi
+
+        result["scsi"] = guest_scsi.measure(args.seconds, args.repeat, SCSI_IMAGE)
+        lines += ["", *guest_scsi.table(result["scsi"], "scsi: our vhost-user-scsi vs QEMU's virtio-scsi in a guest")]
+    emit(result, args.json, lines)
     return 0
 
 

@@ -37,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    result = measure(args.seconds, args.repeat, args.image_size)
+    emit(result, args.json, table(result, f"{QUEUES}-queue virtio-scsi disks"))
+    return 0
+
+
+def measure(seconds: float, repeat: int, size: int) -> dict:
+    """Both controllers in one guest; the result document (also the scsi rows of `lab bench backend`)."""
     reason = backend_available(SCSI_KIND)
     if reason:
         raise LabError(f"bench guest-scsi needs our scsi back end: {reason}")
@@ -44,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     with bench_dir("guest-scsi") as workdir, contextlib.ExitStack() as stack:
         disks = {side: workdir / f"{side}.img" for side in SIDES}
         for side, disk in disks.items():
-            progress(f"bench guest-scsi: writing a {args.image_size // MiB} MiB image for {side}")
-            create_warm_image(disk, args.image_size)
+            progress(f"bench guest-scsi: writing a {size // MiB} MiB image for {side}")
+            create_warm_image(disk, size)
         backend = BackendProcess(
             kind=SCSI_KIND, socket=str(workdir / "scsi.sock"), log=workdir / "scsi.log",
             luns=(ScsiLun(0, 0, str(disks["ours"])),), queues=QUEUES,
@@ -59,25 +66,23 @@ def run(args: argparse.Namespace) -> int:
         machine = stack.enter_context(boot_guest("guest-scsi", image, workdir, options))
         devices = {side: disk_by_vendor(machine.ssh, vendor) for side, vendor in SIDES.items()}
         samples = measure_all(
-            machine.ssh, devices, SCSI_WORKLOADS, args.seconds, args.repeat,
+            machine.ssh, devices, SCSI_WORKLOADS, seconds, repeat,
             check=lambda side: backend.check_alive() if side == "ours" else None,
         )
         accel = machine.accel.name if machine.accel else "?"
         machine.shutdown()
         backend.check_alive()
         backend.close()
-    result = {
+    return {
         "bench": "guest-scsi",
-        "seconds_per_run": args.seconds,
-        "repeat": args.repeat,
-        "image_size": args.image_size,
+        "seconds_per_run": seconds,
+        "repeat": repeat,
+        "image_size": size,
         "queues": QUEUES,
         "accel": accel,
         "sides": list(SIDES),
         "rows": compare(samples, SCSI_WORKLOADS, SIDES),
     }
-    emit(result, args.json, table(result, f"{QUEUES}-queue virtio-scsi disks"))
-    return 0
 
 
 def disk_by_vendor(ssh: GuestSSH, vendor: str) -> str:
