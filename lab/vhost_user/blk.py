@@ -94,7 +94,10 @@ class BlkDevice(Device):
             log.warning("blk request type %d sector %d failed: %s", rtype, sector, exc)
             status, written = S_IOERR, 0
         writable[-1][-1] = status  # descriptors are never empty, so this is the chain's last byte
-        return written + 1
+        # The used length covers the whole writable part, as QEMU's virtio-blk reports it: the
+        # status byte sits at its very end, and the dirty log records writes up to the used
+        # length, so anything shorter (an error, a short GET_ID) would leave the status unlogged.
+        return wtotal
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return nbytes % SECTOR == 0 and sector + nbytes // SECTOR <= self.sectors

@@ -7,6 +7,7 @@ adjacent regions comes back as several views. Nothing here copies guest memory.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import mmap
@@ -28,6 +29,15 @@ def map_shared(fd: int, offset: int, size: int) -> tuple[mmap.mmap, memoryview]:
         raise DeviceBroken(f"cannot map {size:#x} bytes at offset {offset:#x}: {exc}") from None
     view = memoryview(mm)[offset - aligned :]
     return mm, view
+
+
+def address_of(view: memoryview) -> int:
+    """The address of a writable view's first byte (views of guest memory are writable)."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # releases the export at once, so the mapping can still be closed
 
 
 def unmap(mm: mmap.mmap, *views: memoryview) -> None:
@@ -75,6 +85,21 @@ class GuestMemory:
     @property
     def regions(self) -> list[MemoryRegion]:
         return [m.region for m in self._mapped]
+
+    def host_address(self, gpa: int) -> int:
+        """Where the region starting at guest-physical `gpa` is mapped in this process."""
+        for m in self._mapped:
+            if m.region.gpa == gpa:
+                return address_of(m.view)
+        raise DeviceBroken(f"no memory region starts at guest address {gpa:#x}")
+
+    def mappings(self) -> list[tuple[int, int]]:
+        """(page-aligned address, length) of every mapping, for madvise and userfaultfd."""
+        spans = []
+        for m in self._mapped:
+            with memoryview(m.mm) as whole:
+                spans.append((address_of(whole), len(m.mm)))
+        return spans
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering guest-physical [gpa, gpa+length), split where regions meet."""

@@ -372,6 +372,9 @@ DECODERS: dict[Request, Callable[[Message, int], Any]] = {
     Request.GET_INFLIGHT_FD: _inflight(0),
     Request.SET_INFLIGHT_FD: _inflight(1),
     Request.RESET_DEVICE: _no_payload,
+    Request.POSTCOPY_ADVISE: _no_payload,
+    Request.POSTCOPY_LISTEN: _no_payload,
+    Request.POSTCOPY_END: _no_payload,
 }
 
 # Requests only valid once their protocol feature is negotiated; otherwise they count as unknown.
@@ -382,6 +385,9 @@ GATED: dict[Request, ProtocolFeature] = {
     Request.GET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
     Request.SET_INFLIGHT_FD: ProtocolFeature.INFLIGHT_SHMFD,
     Request.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
+    Request.POSTCOPY_ADVISE: ProtocolFeature.PAGEFAULT,
+    Request.POSTCOPY_LISTEN: ProtocolFeature.PAGEFAULT,
+    Request.POSTCOPY_END: ProtocolFeature.PAGEFAULT,
 }
 
 
@@ -395,6 +401,13 @@ def supported(request: int, protocol_features: int) -> bool:
 def decode(msg: Message, num_queues: int) -> Any:
     """The typed payload of a supported request; DeviceBroken on any malformed detail."""
     return DECODERS[Request(msg.request)](msg, num_queues)
+
+
+def encode_memory_table(regions: tuple[MemoryRegion, ...]) -> bytes:
+    """A SET_MEM_TABLE payload (the postcopy reply carries the back end's addresses in it)."""
+    return MEMORY_HEADER.pack(len(regions), 0) + b"".join(
+        MEMORY_REGION.pack(r.gpa, r.size, r.uaddr, r.offset) for r in regions
+    )
 
 
 def encode_reply(request: int, payload: bytes) -> bytes:
@@ -420,6 +433,12 @@ def decode_reply(request: int, payload: bytes) -> Any:
     if request == Request.GET_CONFIG and len(payload) >= CONFIG_HEADER.size:
         offset, size, flags = CONFIG_HEADER.unpack_from(payload)
         return ConfigAccess(offset, size, flags, payload[CONFIG_HEADER.size :])
+    if request == Request.SET_MEM_TABLE and len(payload) > U64.size:
+        n = MEMORY_HEADER.unpack_from(payload)[0]
+        return MemoryTable(tuple(
+            MemoryRegion(*MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size))
+            for i in range(n)
+        ))
     if len(payload) == U64.size:
         return U64.unpack(payload)[0]
     return payload

@@ -62,6 +62,11 @@ class VirtQueue:
         # QEMU 7.2 may enable a ring before its SET_VRING_CALL arrives; a completion in that gap
         # must still interrupt the guest (Linux's virtio_scsi never times a command out).
         self.call_missed = False
+        # A ring is only looked at with a reason: a kick, an enable, or work done moments ago
+        # (brief polling). One nobody kicked may sit in memory the guest reused: firmware leaves
+        # its rings running when the OS takes over, and reading them would break the device.
+        self.kicked = False
+        self.busy_until = 0.0
         self._reset_state()
 
     def _reset_state(self) -> None:

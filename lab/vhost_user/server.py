@@ -19,15 +19,16 @@ import socket
 import stat
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TextIO
 
 from lab.errors import LabError
-from lab.vhost_user import DeviceBroken, protocol
+from lab.vhost_user import DeviceBroken, postcopy, protocol
 from lab.vhost_user.device import Buffers, ConfigRejected, Device
 from lab.vhost_user.dirty_log import DirtyLog
 from lab.vhost_user.inflight import InflightRegion, create_region
 from lab.vhost_user.memory import GuestMemory
+from lab.vhost_user.postcopy import FaultCount, PostcopyError
 from lab.vhost_user.protocol import (
     CONFIG_HEADER,
     HEADER,
@@ -43,7 +44,7 @@ from lab.vhost_user.ring import VirtQueue
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("no-inflight", "no-dirty-log")
+FAULTS = ("no-inflight", "no-dirty-log", "no-postcopy-register")
 TRANSPORT_FEATURES = (
     bit(protocol.F_VERSION_1)
     | bit(protocol.F_INDIRECT_DESC)
@@ -92,6 +93,8 @@ class Trace:
 class Options:
     faults: frozenset[str] = frozenset()
     trace: Trace | None = None
+    #: userfaultfd works here, so PAGEFAULT (postcopy) is offered; the Server probes it
+    postcopy: bool = False
 
 
 def _require_eventfd(fd: int, what: str) -> None:
@@ -113,6 +116,10 @@ class Connection:
         self.memory: GuestMemory | None = None
         self.log: DirtyLog | None = None
         self.inflight: InflightRegion | None = None
+        self._ufd = -1  # our copy of the userfaultfd handed to QEMU at POSTCOPY_ADVISE
+        self._listening = False  # between POSTCOPY_LISTEN and POSTCOPY_END
+        self._faults: FaultCount | None = None  # counting while postcopy runs
+        self.faults_total = 0
         sock.settimeout(MESSAGE_TIMEOUT)
         selector.register(sock, selectors.EVENT_READ, self)
         self.offered_features = TRANSPORT_FEATURES | device.features()
@@ -121,6 +128,8 @@ class Connection:
             self.offered_protocol |= bit(ProtocolFeature.CONFIG)
         if device.tracks_inflight:
             self.offered_protocol |= bit(ProtocolFeature.INFLIGHT_SHMFD)
+        if options.postcopy:
+            self.offered_protocol |= bit(ProtocolFeature.PAGEFAULT)
         device.attach(self)
 
     # ---- wire ----------------------------------------------------------------------------
@@ -262,6 +271,8 @@ class Connection:
         self._update_logging()
 
     def _on_set_mem_table(self, msg: Message, table: protocol.MemoryTable) -> None:
+        if self._listening and self._ufd < 0:
+            raise DeviceBroken("SET_MEM_TABLE: postcopy listening without a userfaultfd (no POSTCOPY_ADVISE)")
         fds = [msg.take_fd(i) for i in range(len(msg.fds))]
         for ring in self.rings:
             ring.detach()
@@ -269,8 +280,77 @@ class Connection:
             self.memory.close()
             self.memory = None
         self.memory = GuestMemory(table.regions, fds)
+        if self._listening:
+            self._postcopy_memory(table)
         for ring in self.rings:
             ring.attach(self.memory)
+
+    def _postcopy_memory(self, table: protocol.MemoryTable) -> None:
+        """The postcopy half of SET_MEM_TABLE: tell QEMU where we mapped each region (it turns
+        our fault addresses into guest pages with them), wait until it is ready for faults, then
+        make every page not yet arrived fault."""
+        ours = tuple(replace(r, uaddr=self.memory.host_address(r.gpa)) for r in table.regions)
+        self._send(Request.SET_MEM_TABLE, Reply(protocol.encode_memory_table(ours)))
+        self._expect_mem_table_ack()
+        if "no-postcopy-register" in self.options.faults:
+            log.warning("fault injected: guest memory NOT registered with userfaultfd (no-postcopy-register)")
+            return
+        spans = self.memory.mappings()
+        try:
+            for address, length in spans:
+                postcopy.register_missing(self._ufd, address, length)
+        except PostcopyError as exc:
+            raise DeviceBroken(f"postcopy: {exc}") from None
+        log.info("postcopy: %d regions (%d MiB) registered with userfaultfd", len(spans),
+                 sum(length for _, length in spans) >> 20)
+
+    def _expect_mem_table_ack(self) -> None:
+        ack = self._recv()
+        if ack is None:
+            raise DeviceBroken("front end went away before acking the postcopy memory table")
+        try:
+            if self.options.trace:
+                self.options.trace.record("in", ack.request, ack.flags, ack.payload, [])
+            if ack.request != Request.SET_MEM_TABLE or len(ack.payload) != U64.size or ack.fds:
+                raise DeviceBroken(f"postcopy SET_MEM_TABLE: expected its ack (u64), got {ack.name} of "
+                                   f"{len(ack.payload)} bytes with {len(ack.fds)} fds")
+            if U64.unpack(ack.payload)[0] != 0:
+                raise DeviceBroken("postcopy SET_MEM_TABLE: the front end refused our mapping")
+        finally:
+            ack.close_fds()
+
+    # ---- postcopy ------------------------------------------------------------------------
+
+    def _on_postcopy_advise(self, msg: Message, _: None) -> Reply:
+        self._close_ufd()
+        try:
+            self._ufd = postcopy.open_userfaultfd()
+        except PostcopyError as exc:
+            log.warning("POSTCOPY_ADVISE failed: %s", exc)
+            return Reply(b"")  # no fd: QEMU fails the migration with a clear message
+        return Reply(b"", [os.dup(self._ufd)])
+
+    def _on_postcopy_listen(self, msg: Message, _: None) -> Reply:
+        if self.memory is not None:
+            log.warning("POSTCOPY_LISTEN refused: guest memory is already mapped")
+            return Reply(U64.pack(1))
+        self._listening = True
+        self._faults = FaultCount()
+        return Reply(U64.pack(0))
+
+    def _on_postcopy_end(self, msg: Message, _: None) -> Reply:
+        faults = self._faults or FaultCount()
+        self.faults_total += faults.faults
+        log.info("postcopy ended: faults=%d requests=%d", faults.faults, faults.requests)
+        self._listening = False
+        self._faults = None
+        self._close_ufd()
+        return Reply(U64.pack(0))
+
+    def _close_ufd(self) -> None:
+        if self._ufd >= 0:
+            os.close(self._ufd)
+            self._ufd = -1
 
     def _on_set_log_base(self, msg: Message, base: protocol.LogBase) -> Reply:
         new = DirtyLog(msg.take_fd(), base)
@@ -310,6 +390,7 @@ class Connection:
             self._selector.register(fd, selectors.EVENT_READ, ring)
         skip = "no-inflight" in self.options.faults
         resubmitted = ring.start(skip_inflight=skip)
+        ring.kicked = True  # requests may already wait (or were resubmitted)
         if resubmitted:
             log.info("vring %d: %s %d inflight requests", ring.index, "dropping" if skip else "resubmitting",
                      resubmitted)
@@ -334,7 +415,9 @@ class Connection:
             _require_eventfd(fd, f"SET_VRING_{kind.upper()}")
 
     def _on_set_vring_enable(self, msg: Message, state: protocol.VringState) -> None:
-        self.rings[state.index].enabled = bool(state.num)
+        ring = self.rings[state.index]
+        ring.enabled = bool(state.num)
+        ring.kicked = ring.enabled  # a kick may have come before the enable: look again
 
     def _on_get_config(self, msg: Message, access: protocol.ConfigAccess) -> Reply:
         try:
@@ -372,11 +455,23 @@ class Connection:
 
     def process_rings(self) -> int:
         done = 0
+        now = time.monotonic()
         for ring in self.rings:
+            if not (ring.kicked or ring.kick_fd < 0 or now < ring.busy_until):
+                continue
+            ring.kicked = False
             if ring.has_work():
                 index = ring.index
-                done += ring.process(lambda buffers: self.device.handle(index, buffers), ring.num)
+                handled = ring.process(lambda buffers: self._handle(index, buffers), ring.num)
+                if handled:
+                    ring.busy_until = now + POLL_SECONDS
+                done += handled
         return done
+
+    def _handle(self, queue: int, buffers: Buffers) -> int | None:
+        if self._faults is not None:
+            self._faults.count(buffers.readable + buffers.writable)
+        return self.device.handle(queue, buffers)
 
     def complete_held(self, queue: int, fill: Callable[[Buffers], int]) -> bool:
         return self.rings[queue].complete_held(fill)
@@ -397,6 +492,7 @@ class Connection:
         self.device.attach(None)
         self._reset_rings()
         self._drop_inflight()
+        self._close_ufd()
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -443,7 +539,8 @@ def listen_unix(path: str, backlog: int, name: str | None = None) -> socket.sock
         listener.listen(backlog)
     except OSError as exc:
         listener.close()
-        raise LabError(f"cannot listen on {name or path}: {exc.strerror}") from None
+        # a too-long path fails without an errno ("AF_UNIX path too long")
+        raise LabError(f"cannot listen on {name or path}: {exc.strerror or exc}") from None
     return listener
 
 
@@ -462,8 +559,13 @@ class Server:
     def __init__(self, path: str, device: Device, options: Options | None = None) -> None:
         self.path = path
         self.device = device
-        self.options = options or Options()
         self._listener = listen_unix(path, 1)
+        unavailable = postcopy.probe()
+        if unavailable:
+            log.warning("postcopy unavailable, PAGEFAULT not offered: %s", unavailable)
+        else:
+            log.info("postcopy available (userfaultfd works): PAGEFAULT offered")
+        self.options = replace(options or Options(), postcopy=unavailable is None)
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -521,6 +623,7 @@ class Server:
                     log.info("front end disconnected")
                     self._drop_connection()
         elif isinstance(data, VirtQueue):
+            data.kicked = True
             try:
                 os.read(key.fd, 8)
             except BlockingIOError:
