@@ -87,7 +87,11 @@ class BackendProcess:
     queues: int = 2
     read_only: bool = False  # blk kinds; a scsi LUN has its own
     serial: str | None = None  # "ours" only
+    # another back end serves the same image at the same time (a migration's two sides): qsd then
+    # opens it without image locking (ours never locks)
+    shared_image: bool = False
     extra: tuple[str, ...] = ()
+    detached: bool = False  # may outlive this process (`lab up`); its owner records the pid
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def argv(self) -> list[str]:
@@ -109,9 +113,10 @@ class BackendProcess:
             )
         # QSD has no serial option: its GET_ID answer is fixed ("vhost_user_blk")
         read_only = ",read-only=on" if self.read_only else ""
+        locking = ",locking=off" if self.shared_image else ""
         return [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={self.image},discard=unmap{read_only}",
+            "--blockdev", f"driver=file,node-name=file0,filename={self.image},discard=unmap{read_only}{locking}",
             "--export", f"type=vhost-user-blk,id=export0,node-name=file0,addr.type=unix,"
                         f"addr.path={self.socket},writable={'off' if self.read_only else 'on'},"
                         f"num-queues={self.queues}",
@@ -146,7 +151,7 @@ class BackendProcess:
         """Start the process without waiting for its socket (wait_ready), so several start at once."""
         if os.path.lexists(self.socket):
             os.unlink(self.socket)
-        self.proc = spawn(self.argv(), log=self.log, cwd=REPO)
+        self.proc = spawn(self.argv(), log=self.log, cwd=REPO, detached=self.detached)
         return self
 
     def wait_ready(self) -> BackendProcess:

@@ -73,11 +73,13 @@ def install(ssh: GuestSSH) -> None:
 
 def write(ssh: GuestSSH, device: str, stamp: StampWrite, seed: int, timeout: float = 300.0) -> None:
     """Write `stamp` to the guest's `device` and fsync it (a virtio flush reaches the back end)."""
+    ssh.run(write_command(device, stamp, seed), timeout=timeout)
+
+
+def write_command(device: str, stamp: StampWrite, seed: int) -> str:
+    """The guest shell command that writes `stamp` (for callers that run it in the background)."""
     args = [device, stamp.first_lba, stamp.count, stamp.generation, seed, stamp.stride, BLOCK]
-    ssh.run(
-        f"cd {GUEST_DIR} && python3 -m {PACKAGE}.stampwrite {shlex.join(map(str, args))}",
-        timeout=timeout,
-    )
+    return f"cd {GUEST_DIR} && python3 -m {PACKAGE}.stampwrite {shlex.join(map(str, args))}"
 
 
 def expected(writes: Iterable[StampWrite], cleared: Iterable[range] = ()) -> dict[int, int | None]:

@@ -41,6 +41,13 @@ TCG = Accel("tcg", ("-accel", "tcg,thread=multi"), 4.0)
 _BY_NAME = {a.name: a for a in (KVM, TCG)}
 
 
+def by_name(name: str) -> Accel:
+    """The accelerator called `name` (a recorded run's, for `lab repro`)."""
+    if name not in _BY_NAME:
+        raise LabError(f"unknown accelerator {name!r} (known: {', '.join(_BY_NAME)})")
+    return _BY_NAME[name]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "qemu-lab")
 

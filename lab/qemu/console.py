@@ -91,6 +91,10 @@ class Console:
     def sendline(self, line: str = "") -> None:
         self._child.sendline(line)
 
+    def fileno(self) -> int:
+        """The console socket, for a terminal bridged to it (`lab console`)."""
+        return self._child.child_fd
+
     def close(self) -> None:
         self._child.close()
 

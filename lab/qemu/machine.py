@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import fcntl
 import logging
+import re
 import shlex
 import shutil
 import socket
@@ -128,10 +129,14 @@ def virtio_scsi_disks(controller: str, disks: Iterable[ScsiHd], num_queues: int 
     return options
 
 
-def vhost_user_blk_disk(chardev_id: str, socket: str | Path, num_queues: int) -> list[Option]:
-    """A vhost-user-blk-pci whose back end is a separate process listening on `socket`."""
+def vhost_user_blk_disk(
+    chardev_id: str, socket: str | Path, num_queues: int, reconnect: int | None = None
+) -> list[Option]:
+    """A vhost-user-blk-pci whose back end is a separate process listening on `socket`; with
+    `reconnect` (seconds), QEMU reconnects to a back end that went away and replays inflight I/O."""
+    props: dict[str, Value] = {} if reconnect is None else {"reconnect": reconnect}
     return [
-        chardev("socket", id=chardev_id, path=socket),
+        chardev("socket", props, id=chardev_id, path=socket),
         device("vhost-user-blk-pci", {"num-queues": num_queues}, chardev=chardev_id),
     ]
 
@@ -154,6 +159,24 @@ def create_raw_image(path: Path, size_mib: int) -> Path:
     return path
 
 
+def at_pci_slot(options: Iterable[Option], slot: int) -> list[Option]:
+    """`options` of one PCI device (the first -device; scsi-hd devices after it sit on its bus)
+    placed at 0000:00:SLOT.0 (pci_address(slot)), so a guest-side driver finds it at a known
+    address. Slots 1-3 hold the fixed devices."""
+    options = list(options)
+    first = next((i for i, opt in enumerate(options) if opt.flag == "-device"), None)
+    if first is None or not 4 <= slot <= 0x1E:
+        raise LabError(f"at_pci_slot needs a -device and a slot in 4..0x1e (slot {slot:#x})")
+    placed = options[first]
+    options[first] = dataclasses.replace(placed, props=(*placed.props, ("addr", f"{slot:#04x}")))
+    return options
+
+
+def pci_address(slot: int) -> str:
+    """The guest's BDF of a device placed with at_pci_slot."""
+    return f"0000:00:{slot:02x}.0"
+
+
 @dataclasses.dataclass
 class MachineConfig:
     name: str
@@ -165,6 +188,13 @@ class MachineConfig:
     cmdline_extra: str = ""  # appended to the image's kernel command line (e.g. hugepages=64)
     accel: accel_mod.Accel | None = None  # None: $LAB_ACCEL / probed
     qemu: str = "qemu-system-x86_64"
+    # A migration destination: `-incoming VALUE` ("defer": wait for migrate-incoming). Its guest
+    # arrives by migration, so wait_ready() waits only for SSH, not for a boot.
+    incoming: str | None = None
+    detached: bool = False  # QEMU may outlive this process (`lab up`): see Machine.release()
+    # A recorded command line run verbatim instead of one built from this config (`lab repro`);
+    # only its SSH port forward is replaced by a fresh port.
+    recorded_argv: tuple[str, ...] | None = None
 
     def path(self, name: str) -> Path:
         return Path(self.workdir) / name
@@ -178,6 +208,8 @@ class MachineConfig:
 
 def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> list[str]:
     """The complete QEMU command line for `config` (pure: no files or processes touched)."""
+    if config.recorded_argv is not None:
+        return with_ssh_port(config.recorded_argv, ssh_port)
     image = config.image
     cmdline = " ".join(filter(None, [image.cmdline, config.cmdline_extra]))
     fixed = [
@@ -208,7 +240,14 @@ def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> 
     argv += ["-serial", "chardev:console"]
     for opt in [*fixed, *config.options]:
         argv += opt.argv()
+    if config.incoming is not None:
+        argv += ["-incoming", config.incoming]
     return argv
+
+
+def with_ssh_port(argv: Iterable[str], ssh_port: int) -> list[str]:
+    """`argv` with its SSH host forward moved to `ssh_port`."""
+    return [re.sub(r"hostfwd=tcp:127\.0\.0\.1:\d+-:22", f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22", a) for a in argv]
 
 
 class PortLease:
@@ -270,7 +309,9 @@ class Machine:
             self.argv = build_argv(cfg, self.accel, self._port.port)
             cfg.path("qemu.cmdline").write_text(shlex.join(self.argv) + "\n")
             self._launched_at = time.monotonic()
-            self.proc = process.spawn(self.argv, log=cfg.path("qemu.log"), cwd=Path(cfg.workdir))
+            self.proc = process.spawn(
+                self.argv, log=cfg.path("qemu.log"), cwd=Path(cfg.workdir), detached=cfg.detached
+            )
             _LIVE.add(self)
             self.qmp = QMP(cfg.socket_path("qmp.sock"), cfg.path("qmp.jsonl"))
             try:
@@ -290,7 +331,8 @@ class Machine:
     def wait_ready(self, marker: str = READY_MARKER) -> float:
         """Wait for the console marker, then for SSH; return boot-to-SSH seconds."""
         self._require_running()
-        wait_for_line(self.console_log, marker, self.scaled(MARKER_SECONDS), alive=self.alive)
+        if self.config.incoming is None:
+            wait_for_line(self.console_log, marker, self.scaled(MARKER_SECONDS), alive=self.alive)
         try:
             self._ssh = GuestSSH.connect(
                 self.ssh_port, self.config.image.key, self.scaled(SSH_AFTER_MARKER_SECONDS)
@@ -320,6 +362,22 @@ class Machine:
             self._port = None
         _LIVE.discard(self)
         return self.returncode
+
+    def release(self) -> None:
+        """Let a detached QEMU run on after this process: drop the SSH and QMP connections and
+        forget it, without stopping it (its bound port stays its own). Whoever released it
+        owns stopping it (lab.labs does, by pid and QMP socket)."""
+        if not self.config.detached:
+            raise LabError(f"machine {self.config.name} was not launched detached")
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self.qmp is not None:
+            self.qmp.close()
+        if self._port is not None:
+            self._port.release()
+            self._port = None
+        _LIVE.discard(self)
 
     def __enter__(self) -> Machine:
         return self.launch()

@@ -25,8 +25,13 @@ def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def spawn(argv: list[str], log: Path | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    """Start argv in its own session (so terminal Ctrl-C reaches only us, and we decide)."""
+def spawn(
+    argv: list[str], log: Path | None = None, cwd: Path | None = None, detached: bool = False
+) -> subprocess.Popen:
+    """Start argv in its own session (so terminal Ctrl-C reaches only us, and we decide).
+
+    `detached`: no parent-death signal, so the process outlives this one (`lab up` guests);
+    whoever detaches it must record its pid and stop it later (lab.labs)."""
     out: IO[bytes] | int = subprocess.DEVNULL
     log_file = open(log, "ab") if log is not None else None
     if log_file is not None:
@@ -39,7 +44,7 @@ def spawn(argv: list[str], log: Path | None = None, cwd: Path | None = None) -> 
             stderr=subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=None if detached else _die_with_parent,
         )
     except FileNotFoundError:
         raise LabError(f"program not found: {argv[0]} (is it installed and on PATH?)") from None

@@ -1,0 +1,127 @@
+"""The lab's command line end to end, as a person uses it: separate `lab` processes, real guests.
+
+`lab up` leaves a guest and its back end running after the command returns; `lab ls`, `lab ssh`,
+`lab qmp`, `lab io` (stamped writes in the background, then verified bit for bit in the host's
+image) and `lab trace replay` of the live session work on it; `lab down --all` leaves no process.
+A deliberately failing scenario gets one failure report block and `lab repro` fails the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import labs
+
+pytestmark = [pytest.mark.boot]
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600.0
+PLUGINS = ("fixtures.artifacts", "fixtures.report", "fixtures.image", "fixtures.machine", "fixtures.backend")
+
+
+def run_lab(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True, env=env,
+                            timeout=TIMEOUT, cwd=REPO)
+    if check:
+        assert result.returncode == 0, f"lab {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture
+def lab_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """$LAB_STATE of these labs; whatever a failing test left up is taken down."""
+    state = tmp_path / "s"
+    monkeypatch.setenv(labs.STATE_ENV, str(state))
+    env = {**os.environ, labs.STATE_ENV: str(state), "LAB_ARTIFACTS": str(tmp_path / "artifacts")}
+    yield env
+    for name in labs.lab_names():
+        labs.Lab.load(name).remove()
+
+
+def test_up_io_trace_down(lab_env: dict, tmp_path: Path) -> None:
+    up = run_lab("up", "--name", "e2e", "--disk", "64M", "--queues", "2", env=lab_env)
+    assert "lab e2e is up (blk back end" in up.stdout
+    assert "lab ssh e2e" in up.stdout and "qmp.sock" in up.stdout and "backend.log" in up.stdout
+    lab = labs.Lab.load("e2e")
+    assert [p.role for p in lab.procs] == ["backend", "qemu"] and all(p.alive() for p in lab.procs)
+
+    listing = run_lab("ls", env=lab_env).stdout
+    assert listing.splitlines()[1].split()[:3] == ["e2e", "running", "blk"], listing
+    assert run_lab("ssh", "e2e", "cat", "/sys/block/vdb/serial", env=lab_env).stdout.strip() == "lab-e2e"
+    assert json.loads(run_lab("qmp", "e2e", "query-status", env=lab_env).stdout)["status"] == "running"
+
+    started = run_lab("io", "e2e", "--workload", "stamps", "--blocks", "2000", "--stride", "3", "--passes", "2",
+                      "--background", env=lab_env)
+    assert "running in the background" in started.stdout
+    verified = run_lab("io", "e2e", "--verify", env=lab_env)
+    assert "verified: 2000 stamped blocks" in verified.stdout
+    with open(lab.disk, "r+b") as disk:  # the verifier must notice a damaged block
+        disk.seek(3 * 4096 + 100)
+        disk.write(b"!")
+    damaged = run_lab("io", "e2e", "--verify", env=lab_env, check=False)
+    assert damaged.returncode == 1 and "block 3: corrupt" in damaged.stdout
+
+    run_lab("qmp", "e2e", "stop", env=lab_env)  # the devices stop: GET_VRING_BASE is in the trace
+    trace = tmp_path / "session.jsonl"
+    shutil.copy(lab.path("trace.jsonl"), trace)
+    run_lab("qmp", "e2e", "cont", env=lab_env)
+    shown = run_lab("trace", "show", str(trace), env=lab_env).stdout
+    assert "-> SET_MEM_TABLE" in shown and "<- GET_VRING_BASE" in shown
+    replay = run_lab("trace", "replay", str(trace), "--backend", "blk", env=lab_env)
+    assert "no difference from the recording" in replay.stdout
+
+    manifest = json.loads(lab.path("manifest.json").read_text())
+    assert manifest["machines"][0]["argv"][0] == "qemu-system-x86_64" and manifest["seeds"]["seed"] == lab.seed
+    assert manifest["workloads"][0]["generations"] == [1, 2] and lab.path("repro.sh").stat().st_mode & 0o100
+
+    down = run_lab("down", "--all", env=lab_env)
+    assert "e2e: was running; stopped qemu pid" in down.stdout
+    assert not any(p.alive() for p in lab.procs) and not lab.dir.exists()
+    assert "no labs" in run_lab("ls", env=lab_env).stdout
+
+
+FAILING = '''
+from lab.guest import stamps
+
+SEED = 0xBAD5EED
+
+def test_wrong_serial(backend_factory, machine_factory):
+    disk = backend_factory("ours", "vu0", size_mib=16, queues=1)
+    vm = machine_factory(mem_mib=512, options=disk.options())
+    assert vm.ssh.disk_by_serial(disk.serial) == "/dev/vdz", "the disk is not where this test expects it"
+'''
+
+
+def test_failure_report_and_repro(lab_env: dict, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "conftest.py").write_text(f"pytest_plugins = {list(PLUGINS)!r}\n")
+    (project / "test_fails.py").write_text(FAILING)
+    env = {**lab_env, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "test_fails.py", "-p", "no:cacheprovider"], cwd=project,
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1, result.stdout
+    report = result.stdout[result.stdout.index("lab failure report"):]
+    manifest = Path(lab_env["LAB_ARTIFACTS"]) / "test_fails.py_test_wrong_serial" / "manifest.json"
+    assert "test_wrong_serial failed in call: AssertionError: the disk is not where" in report
+    assert f"lab repro {manifest}" in report
+    assert "--- console of vm0, last lines:" in report and "--- back end vu0.ours.log, last lines:" in report
+    assert result.stdout.count("lab failure report") == 1
+    recorded = json.loads(manifest.read_text())
+    assert recorded["seeds"] == {"SEED": 0xBAD5EED} and recorded["outcome"]["outcome"] == "failed"
+    assert len(recorded["backends"]) == 1 and recorded["disks"][0]["size"] == 16 << 20
+
+    repro = run_lab("repro", str(manifest), "--keep", "--name", "kept", env=env)
+    assert "reproduced: it fails the same way" in repro.stdout
+    assert "lab kept is up" in repro.stdout
+    assert run_lab("ssh", "kept", "cat", "/sys/block/vdb/serial", env=env).stdout.strip() == "lab-vu0"
+    kept = labs.Lab.load("kept")
+    run_lab("down", "kept", env=env)
+    assert not any(p.alive() for p in kept.procs)
