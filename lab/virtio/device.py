@@ -67,6 +67,8 @@ class VirtioDevice:
             limit = t.queue_max_size(index)
             if limit == 0:
                 self._fail(f"queue {index} does not exist on the device")
+            if limit & (limit - 1):
+                self._fail(f"queue {index}: the device's maximum size {limit} is not a power of two (split rings need one)")
             qsize = min(size, limit)
             qsize = 1 << (qsize.bit_length() - 1)  # a power of two <= both
             ring = self.alloc_dma(ring_layout(qsize)[2])

@@ -47,6 +47,8 @@ TMF_I_T_NEXUS_RESET, TMF_LOGICAL_UNIT_RESET, TMF_QUERY_TASK, TMF_QUERY_TASK_SET 
 
 GOOD, CHECK_CONDITION = 0x00, 0x02
 KEY_NO_SENSE, KEY_NOT_READY, KEY_ILLEGAL_REQUEST, KEY_DATA_PROTECT = 0x0, 0x2, 0x5, 0x7
+KEY_UNIT_ATTENTION = 0x6
+UNIT_ATTENTION_RETRIES = 3  # a LUN reports power-on/reset once per event, then answers
 
 _REQ_OFF, _RESP_OFF, _DATA_OFF = 0, 64, 256
 _EVENT_BUFFER = 64
@@ -289,6 +291,15 @@ class ScsiHost:
     def test_unit_ready(self, target: int, lun: int) -> Result:
         return self.command(target, lun, bytes(6))
 
+    def unit_ready(self, target: int, lun: int) -> bool:
+        """TEST UNIT READY, repeated while the LUN reports a unit attention (as after a reset)."""
+        for _ in range(UNIT_ATTENTION_RETRIES + 1):
+            result = self.test_unit_ready(target, lun)
+            sense = result.sense
+            if result.ok or sense is None or sense.key != KEY_UNIT_ATTENTION:
+                return result.ok
+        return False
+
     def report_luns(self, target: int, allocation: int = 4096, select: int = 0) -> list[int]:
         cdb = bytes([0xA0, 0, select, 0, 0, 0]) + allocation.to_bytes(4, "big") + bytes(2)
         data = self.command(target, 0, cdb, data_in=allocation).check(f"REPORT LUNS on target {target}").data
@@ -335,7 +346,7 @@ class ScsiHost:
                 standard = self.inquiry(target, lun, allocation=36).check(f"INQUIRY {target}:{lun}").data
                 if standard[0] != 0x00:  # qualifier 0, direct-access block device
                     continue
-                if not self.test_unit_ready(target, lun).ok:
+                if not self.unit_ready(target, lun):
                     continue
                 pages = self.vpd_pages(target, lun)
                 unmap = False
