@@ -107,6 +107,8 @@ def run_inner(test_dir: Path, name: str) -> tuple[subprocess.Popen, Path]:
         "-p",
         "fixtures.artifacts",
         "-p",
+        "fixtures.report",
+        "-p",
         "fixtures.image",
         "-p",
         "fixtures.machine",
@@ -165,7 +167,9 @@ def test_failure_keeps_artifacts_and_reports_them(lab_image: ImageInfo, test_dir
         process.stop_group(proc)
     output = (test_dir / "test_fail_after_launch.out").read_text()
     (kept,) = (inner / "artifacts").iterdir()
-    assert f"kept in {kept}" in output and "lab artifacts" in output
+    # one block per failure (fixtures.report): where the artifacts are and how to replay them
+    assert "lab failure report" in output and f"artifacts: {kept}" in output
+    assert f"lab repro {kept}/manifest.json" in output
     for name in ("console.log", "qemu.log", "qmp.jsonl", "qemu.cmdline"):
         assert (kept / "vm0" / name).is_file(), name
     assert "quit" in (kept / "vm0" / "qmp.jsonl").read_text()
