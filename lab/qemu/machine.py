@@ -206,14 +206,32 @@ class MachineConfig:
         return path
 
 
+# QEMU 7.2 under TCG loses guest writes from migration's dirty log when a RAM block is a whole
+# number of 64 pages (256 KiB): the bitmap sync's fast path for such blocks clears the dirty bits
+# without resetting the vCPUs' TLB entries, so writes through cached entries are never marked
+# dirty again and the destination gets stale pages (its kernel oopses right after the resume).
+# Fixed upstream in QEMU 9.0 (commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency
+# with TCG memory access"). 8 KiB more (QEMU's -m granularity) sends every sync through the
+# per-page path, which does reset the TLBs. KVM keeps its own dirty log and the exact size.
+_TCG_RAM_PAD_KIB = 8
+
+
+def ram_size(mem_mib: int, accel: accel_mod.Accel) -> str:
+    """Guest RAM as QEMU's size string, for both the memory backend and -m."""
+    if accel.name == "tcg":
+        return f"{(mem_mib << 10) + _TCG_RAM_PAD_KIB}K"
+    return f"{mem_mib}M"
+
+
 def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> list[str]:
     """The complete QEMU command line for `config` (pure: no files or processes touched)."""
     if config.recorded_argv is not None:
         return with_ssh_port(config.recorded_argv, ssh_port)
     image = config.image
     cmdline = " ".join(filter(None, [image.cmdline, config.cmdline_extra]))
+    ram = ram_size(config.mem_mib, accel)
     fixed = [
-        qom_object("memory-backend-memfd", id="mem", size=f"{config.mem_mib}M", share=True),
+        qom_object("memory-backend-memfd", id="mem", size=ram, share=True),
         chardev(
             "socket",
             id="console",
@@ -233,7 +251,7 @@ def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> 
         device("virtio-rng-pci"),
     ]
     argv = [config.qemu, "-name", config.name, *accel.argv]
-    argv += ["-M", "q35,memory-backend=mem,smbus=off,sata=off", "-m", f"{config.mem_mib}M"]
+    argv += ["-M", "q35,memory-backend=mem,smbus=off,sata=off", "-m", ram]
     argv += ["-smp", str(config.smp), "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-no-reboot", "-msg", "timestamp=on"]
     argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline]
