@@ -32,7 +32,9 @@ class Accel:
     timeout_scale: float  # multiply base (KVM-sized) timeouts by this
 
     def scaled(self, seconds: float) -> float:
-        return seconds * self.timeout_scale
+        # pytest-xdist workers boot their guests at once on the same CPUs
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+        return seconds * self.timeout_scale * workers
 
 
 # -cpu host on KVM: same-host migration keeps working and guests see real features.

@@ -17,7 +17,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -276,7 +275,9 @@ class PortLease:
     """
 
     def __init__(self) -> None:
-        lock_dir = Path(tempfile.gettempdir()) / "qemu-lab-ports"
+        # one fixed place: every lab process on the host must see the same locks, and the
+        # hygiene plugin gives each pytest session its own TMPDIR
+        lock_dir = Path("/tmp/qemu-lab-ports")
         lock_dir.mkdir(exist_ok=True)
         while True:
             with socket.socket() as s:
