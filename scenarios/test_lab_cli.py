@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def test_failure_report_and_repro(lab_env: dict, tmp_path: Path) -> None:
 
     repro = run_lab("repro", str(manifest), "--keep", "--name", "kept", env=env)
     assert "reproduced: it fails the same way" in repro.stdout
+    rerun = re.search(r"re-run artifacts: (\S+)\)", repro.stdout)
+    assert rerun, repro.stdout  # the failing re-run keeps its artifacts for a look
+    shutil.rmtree(rerun.group(1))
     assert "lab kept is up" in repro.stdout
     assert run_lab("ssh", "kept", "cat", "/sys/block/vdb/serial", env=env).stdout.strip() == "lab-vu0"
     kept = labs.Lab.load("kept")

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,12 +154,14 @@ def rerun_scenario(manifest: Manifest) -> int:
         raise LabError(f"the re-run of {manifest.name} took over {PYTEST_SECONDS:.0f} s") from None
     found = sorted(artifacts.glob(f"*/{MANIFEST}"))
     outcome = load(found[0]).outcome if found else None
+    if not found:  # nothing failed, nothing to look at
+        shutil.rmtree(artifacts, ignore_errors=True)
     recorded = manifest.outcome or {"outcome": "passed"}
     now = outcome or {"outcome": "passed"}
     same = recorded["outcome"] == now["outcome"] and signature(recorded.get("message", "")) == signature(
         now.get("message", ""))
     print(f"recorded: {recorded['outcome']} {recorded.get('when', '')}: {signature(recorded.get('message', ''))}")
     print(f"re-run:   {now['outcome']} {now.get('when', '')}: {signature(now.get('message', ''))} "
-          f"({time.monotonic() - began:.0f} s; artifacts {found[0].parent if found else 'none'})")
+          f"({time.monotonic() - began:.0f} s; re-run artifacts: {artifacts if found else 'none'})")
     print("reproduced: it fails the same way" if same else "NOT reproduced: the outcome differs")
     return 0 if same else 1

@@ -86,8 +86,9 @@ class GuestSSH:
                     out += chan.recv(65536)
                 elif chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
-                elif chan.exit_status_ready() or chan.closed:
-                    # exit-status follows the data on the wire: the buffers are complete now.
+                elif (chan.exit_status_ready() and chan.eof_received) or chan.closed:
+                    # sshd may send exit-status before it has forwarded all of the command's
+                    # output (a loaded guest showed it): the output is complete only at EOF.
                     break
                 elif time.monotonic() > deadline:
                     raise TimeoutExpired(

@@ -588,10 +588,14 @@ class Server:
         try:
             self._loop()
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.close()
+            # close (flush the image) before the default handlers return: a second SIGTERM
+            # meanwhile must not kill the daemon half way
+            try:
+                self.close()
+            finally:
+                signal.set_wakeup_fd(old_wakeup)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     def _loop(self) -> None:
         busy_until = 0.0
@@ -623,6 +627,8 @@ class Server:
                     log.info("front end disconnected")
                     self._drop_connection()
         elif isinstance(data, VirtQueue):
+            if data.kick_fd != key.fd:
+                return  # an earlier event of this batch replaced or closed that kick fd
             data.kicked = True
             try:
                 os.read(key.fd, 8)
