@@ -178,6 +178,11 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _ssh_keygen(key: Path, comment: str) -> None:
+    """A new ed25519 key pair without a passphrase: `key` and `key`.pub."""
+    _run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(key)])
+
+
 def _run(
     argv: list[str],
     timeout: float = 300,
@@ -293,21 +298,7 @@ class _Build:
         self.say(f"image: built {name} in {time.monotonic() - started:.1f} s")
 
     def _keypair(self) -> None:
-        key = self.work / KEY
-        _run(
-            [
-                tool("ssh-keygen"),
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "root@qemu-lab",
-                "-f",
-                str(key),
-            ]
-        )
+        _ssh_keygen(self.work / KEY, "root@qemu-lab")
 
     def _kernel_package(self) -> tuple[str, Path]:
         depends = _run([tool("apt-cache"), "depends", recipe.KERNEL_METAPACKAGE])
@@ -423,20 +414,7 @@ class _Build:
             self.guest_file("sshd_config"),
             0o644,
         )
-        _run(
-            [
-                tool("ssh-keygen"),
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "root@" + recipe.HOSTNAME,
-                "-f",
-                str(rootfs / "etc" / "ssh" / "ssh_host_ed25519_key"),
-            ]
-        )
+        _ssh_keygen(rootfs / "etc" / "ssh" / "ssh_host_ed25519_key", "root@" + recipe.HOSTNAME)
         ssh_dir = rootfs / "root" / ".ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         _install(

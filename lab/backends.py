@@ -236,6 +236,14 @@ class BackendProcess:
         with open(f"/proc/{self.pid}/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
 
+    def fd_count(self) -> int:
+        """How many fds the back end holds open now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def open_fds(self) -> dict[str, str]:
+        """The back end's open fds and what each refers to ("?": closed while looking)."""
+        return {fd: _fd_target(self.pid, fd) for fd in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int)}
+
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
@@ -258,3 +266,9 @@ def _signal_group(pid: int, sig: int) -> None:
     except ProcessLookupError:
         pass
 
+
+def _fd_target(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return "?"

@@ -10,7 +10,6 @@ hostile-input tests drive our back ends (imported from here by those test module
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +59,10 @@ class DaemonUnderTest(BackendProcess):
         self.idle_fds = self.fd_count()
         return self
 
-    def open_fds(self) -> list[str]:
-        return os.listdir(f"/proc/{self.pid}/fd")
-
-    def fd_count(self) -> int:
-        return len(self.open_fds())
-
     def wait_idle(self) -> None:
         """Back to the fds of a daemon without a front end: nothing leaked."""
         wait_for(lambda: self.fd_count() == self.idle_fds, f"fd count back to {self.idle_fds}",
-                 lambda: f"has {self.fd_count()}: {sorted(self.open_fds())}")
+                 lambda: f"has {self.fd_count()}: {self.open_fds()}")
 
     def broken_lines(self) -> list[str]:
         return [line for line in self.log_text().splitlines() if BROKEN in line]

@@ -105,14 +105,19 @@ class RawFrontEnd:
         if start:
             c.send(Request.SET_FEATURES, U64.pack(1 << F_VERSION_1 | 1 << F_PROTOCOL | 1 << F_INDIRECT | features))
             self.acked(Request.SET_MEM_TABLE, self.mem_table(), self.mem.fds)
-            c.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, size))
-            c.send(Request.SET_VRING_BASE, VRING_STATE.pack(0, 0))
-            c.send(Request.SET_VRING_ADDR, self.ring_addr())
-            self.kick, self.call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-            self.fds += [self.kick, self.call]
-            c.send(Request.SET_VRING_KICK, U64.pack(0), [self.kick])
-            c.send(Request.SET_VRING_CALL, U64.pack(0), [self.call])
-            c.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+            self.start_ring()
+
+    def start_ring(self) -> None:
+        """Queue 0 at DESC/AVAIL/USED_GPA with a kick and a call eventfd, enabled (memory is mapped)."""
+        c = self.conn
+        c.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, self.size))
+        c.send(Request.SET_VRING_BASE, VRING_STATE.pack(0, 0))
+        c.send(Request.SET_VRING_ADDR, self.ring_addr())
+        self.kick, self.call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+        self.fds += [self.kick, self.call]
+        c.send(Request.SET_VRING_KICK, U64.pack(0), [self.kick])
+        c.send(Request.SET_VRING_CALL, U64.pack(0), [self.call])
+        c.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
 
     def acked(self, request: int, payload: bytes = b"", fds=()) -> int:
         return u64(self.conn.call(request, payload, fds, reply=True, flags=FLAG_VERSION | FLAG_NEED_REPLY))

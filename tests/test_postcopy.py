@@ -10,6 +10,7 @@ the back end with UFFDIO_WAKE. The data must then reach the image exactly; with
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import TIMEOUT, serving, wait_for
@@ -38,7 +40,7 @@ from test_backend_protocol import (
 
 from lab.vhost_user import postcopy
 from lab.vhost_user.image import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from lab.virtio.vhost_user import MEM_REGION, U64, VRING_STATE, Request
+from lab.virtio.vhost_user import MEM_REGION, U64, Request
 
 REPO = Path(__file__).resolve().parents[1]
 P_PAGEFAULT = 8
@@ -109,14 +111,7 @@ def postcopy_front_end(socket: str) -> tuple[RawFrontEnd, int, int]:
     assert (gpa, size, offset) == (region.gpa, region.size, 0)
     assert client_base not in (0, region.qva)  # the back end's own mapping
     c.send(Request.SET_MEM_TABLE, U64.pack(0))  # QEMU's ack: ready for faults
-    c.send(Request.SET_VRING_NUM, VRING_STATE.pack(0, front.size))
-    c.send(Request.SET_VRING_BASE, VRING_STATE.pack(0, 0))
-    c.send(Request.SET_VRING_ADDR, front.ring_addr())
-    front.kick, front.call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-    front.fds += [front.kick, front.call]
-    c.send(Request.SET_VRING_KICK, U64.pack(0), [front.kick])
-    c.send(Request.SET_VRING_CALL, U64.pack(0), [front.call])
-    c.send(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+    front.start_ring()
     return front, ufd, client_base
 
 
@@ -128,6 +123,22 @@ def write_from_missing_page(front: RawFrontEnd) -> None:
     front.publish(0)
 
 
+@contextlib.contextmanager
+def write_served_by_faults(socket: str, data: bytes) -> Iterator[tuple[RawFrontEnd, FaultServer]]:
+    """A postcopy front end whose fault server holds `data` as SOURCE_PAGE's content, after a
+    blk write of that missing page has completed; both are stopped on leaving."""
+    front, ufd, base = postcopy_front_end(socket)
+    faults = FaultServer(front, ufd, base, {SOURCE_PAGE: data})
+    faults.start()
+    try:
+        write_from_missing_page(front)
+        front.wait_used(1)
+        yield front, faults
+    finally:
+        faults.stop()
+        front.close()
+
+
 def image_page(backend, sector: int) -> bytes:
     with open(backend.image, "rb") as image:
         return os.pread(image.fileno(), PAGE, sector * 512)
@@ -136,39 +147,22 @@ def image_page(backend, sector: int) -> bytes:
 @needs_root
 def test_device_fault_is_served_by_the_front_end(tmp_path: Path) -> None:
     data = os.urandom(PAGE)
-    with serving(our_blk(tmp_path)) as backend:
-        front, ufd, base = postcopy_front_end(backend.socket)
-        faults = FaultServer(front, ufd, base, {SOURCE_PAGE: data})
-        faults.start()
-        try:
-            write_from_missing_page(front)
-            front.wait_used(1)
-            assert faults.faults == [SOURCE_PAGE]
-            assert front.mem.read(STATUS_GPA, 1) == b"\0"
-            assert image_page(backend, 8) == data
-            assert front.acked(Request.POSTCOPY_END) == 0
-            wait_for(lambda: "postcopy ended: faults=1 requests=1" in backend.log_text(), "the fault count line")
-        finally:
-            faults.stop()
-            front.close()
+    with serving(our_blk(tmp_path)) as backend, write_served_by_faults(backend.socket, data) as (front, faults):
+        assert faults.faults == [SOURCE_PAGE]
+        assert front.mem.read(STATUS_GPA, 1) == b"\0"
+        assert image_page(backend, 8) == data
+        assert front.acked(Request.POSTCOPY_END) == 0
+        wait_for(lambda: "postcopy ended: faults=1 requests=1" in backend.log_text(), "the fault count line")
 
 
 @needs_root
 def test_no_postcopy_register_fault_reads_a_page_that_never_arrived(tmp_path: Path) -> None:
     data = os.urandom(PAGE)
-    with serving(our_blk(tmp_path, "--fault", "no-postcopy-register")) as backend:
-        front, ufd, base = postcopy_front_end(backend.socket)
-        faults = FaultServer(front, ufd, base, {SOURCE_PAGE: data})
-        faults.start()
-        try:
-            write_from_missing_page(front)
-            front.wait_used(1)
-            assert faults.faults == []  # the front end never heard of the missing page
-            assert image_page(backend, 8) == bytes(PAGE)  # so the guest's data is lost
-            assert "NOT registered with userfaultfd" in backend.log_text()
-        finally:
-            faults.stop()
-            front.close()
+    with (serving(our_blk(tmp_path, "--fault", "no-postcopy-register")) as backend,
+          write_served_by_faults(backend.socket, data) as (front, faults)):
+        assert faults.faults == []  # the front end never heard of the missing page
+        assert image_page(backend, 8) == bytes(PAGE)  # so the guest's data is lost
+        assert "NOT registered with userfaultfd" in backend.log_text()
 
 
 @needs_root

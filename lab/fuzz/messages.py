@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from lab.fuzz.memory import GUARD, REGION_SIZE, SIZE, GuardedMemory
-from lab.fuzz.target import QUEUES, Daemon, Finding
-from lab.fuzz.wire import FD_KINDS, Field, Msg, Value, Wire
+from lab.fuzz.memory import GUARD, REGION_SIZE, SIZE
+from lab.fuzz.target import QUEUES, Daemon
+from lab.fuzz.wire import FD_KINDS, Field, Msg, Value, case_session
 from lab.vhost_user.inflight import region_size
 from lab.virtio.vhost_user import Request as R
 
@@ -191,20 +191,12 @@ sequences = mutated_session() | prefixed_random()
 
 def run(daemon: Daemon, msgs: tuple[Msg, ...]) -> str:
     """One case; raises Finding. Returns "broken" or "kept" (who ended the connection)."""
-    memory = GuardedMemory()
-    wire = Wire(daemon.socket, memory)
-    try:
+    with case_session(daemon) as (wire, _memory):
         for i, msg in enumerate(msgs):
             wire.send(msg)
             wire.probe(f"message {i} (request {msg.request})", after=msg)
             if wire.closed:
                 break
-        if not memory.canaries_intact():
-            raise Finding("a canary next to a memory region changed")
-    finally:
-        wire.close()
-        memory.close()
-    daemon.settle(closed_by_backend=wire.closed)
     return "broken" if wire.closed else "kept"
 
 

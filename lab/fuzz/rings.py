@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lab.fuzz.memory import REGION_SIZE, SIZE, GuardedMemory
 from lab.fuzz.messages import edge, mem_table
 from lab.fuzz.target import Daemon, Finding
-from lab.fuzz.wire import Msg, Wire
+from lab.fuzz.wire import Msg, case_session
 from lab.virtio.vhost_user import Request as R
 
 DESC = struct.Struct("<QIHH")
@@ -241,9 +241,7 @@ def foreign_writes(before: bytes | bytearray, after: bytes, allowed: list[tuple[
 
 def run(daemon: Daemon, case: RingCase) -> str:
     """One case; raises Finding. Returns "completed" or "broken"."""
-    memory = GuardedMemory()
-    wire = Wire(daemon.socket, memory)
-    try:
+    with case_session(daemon) as (wire, memory):
         for msg in _handshake(case):
             wire.send(msg)
         wire.probe("the handshake")
@@ -272,12 +270,6 @@ def run(daemon: Daemon, case: RingCase) -> str:
         if bad:
             raise Finding(f"the device wrote outside its used ring and writable buffers: "
                           f"{len(bad)} bytes, first at {bad[0]:#x}")
-        if not memory.canaries_intact():
-            raise Finding("a canary next to a memory region changed")
-    finally:
-        wire.close()
-        memory.close()
-    daemon.settle(closed_by_backend=wire.closed)
     return "broken" if wire.closed else "completed"
 
 

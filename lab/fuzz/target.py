@@ -72,7 +72,7 @@ class Daemon:
         return self.process.stop()
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return self.process.fd_count()
 
     def new_log(self) -> list[str]:
         """Log lines since the last call."""
@@ -93,7 +93,7 @@ class Daemon:
         try:
             wait_until(lambda: self.fd_count() == self.idle_fds, f"the fd count to return to {self.idle_fds}")
         except Finding:
-            fds = {fd: _target(self.pid, fd) for fd in os.listdir(f"/proc/{self.pid}/fd")}
+            fds = self.process.open_fds()
             raise Finding(f"fd leak: {self.fd_count()} open, {self.idle_fds} when idle: {fds}") from None
         if closed_by_backend:  # its log line may trail the close by a moment
             wait_until(lambda: BROKEN in self.process.log_text()[self._log_offset :], "the 'device broken' line")
@@ -130,10 +130,3 @@ class Daemon:
             blk.close()
         self.settle(closed_by_backend=False)
         self.verified += 1
-
-
-def _target(pid: int, fd: str) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return "?"

@@ -9,15 +9,17 @@ materialised afresh for each send.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lab.fuzz.memory import SIZE, GuardedMemory
-from lab.fuzz.target import TIMEOUT, Finding
+from lab.fuzz.target import TIMEOUT, Daemon, Finding
 from lab.virtio.vhost_user import HEADER, MAX_FDS, Request
 
 Value = int | str
@@ -199,3 +201,19 @@ class Wire:
     def close(self) -> None:
         self.sock.close()
         self.pool.close()
+
+
+@contextlib.contextmanager
+def case_session(daemon: Daemon) -> Iterator[tuple[Wire, GuardedMemory]]:
+    """One case's connection and guarded memory. On a clean exit the canaries must be intact;
+    both are closed whatever happens, then the daemon must settle (raises Finding)."""
+    memory = GuardedMemory()
+    wire = Wire(daemon.socket, memory)
+    try:
+        yield wire, memory
+        if not memory.canaries_intact():
+            raise Finding("a canary next to a memory region changed")
+    finally:
+        wire.close()
+        memory.close()
+    daemon.settle(closed_by_backend=wire.closed)

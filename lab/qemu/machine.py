@@ -363,9 +363,7 @@ class Machine:
 
     def shutdown(self) -> int | None:
         """QMP quit, then SIGTERM the group, then SIGKILL; always reap. Safe to call again."""
-        if self._ssh is not None:
-            self._ssh.close()
-            self._ssh = None
+        self._close_ssh()
         if self.proc is not None and self.returncode is None:
             if self.qmp is not None and self.qmp.connected and self.alive():
                 self.qmp.quit(timeout=self.scaled(QUIT_SECONDS))
@@ -374,12 +372,7 @@ class Machine:
                 except subprocess.TimeoutExpired:
                     pass  # SIGTERM, then SIGKILL, take over
             self.returncode = process.stop_group(self.proc)
-        if self.qmp is not None:
-            self.qmp.close()
-        if self._port is not None:
-            self._port.release()
-            self._port = None
-        _LIVE.discard(self)
+        self._forget()
         return self.returncode
 
     def release(self) -> None:
@@ -388,9 +381,16 @@ class Machine:
         owns stopping it (lab.labs does, by pid and QMP socket)."""
         if not self.config.detached:
             raise LabError(f"machine {self.config.name} was not launched detached")
+        self._forget()
+
+    def _close_ssh(self) -> None:
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
+
+    def _forget(self) -> None:
+        """Drop the SSH and QMP connections and the bound port; no longer one of the live machines."""
+        self._close_ssh()
         if self.qmp is not None:
             self.qmp.close()
         if self._port is not None:

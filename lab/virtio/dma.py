@@ -13,13 +13,13 @@ list of physical segments, split wherever two hugepages are not physically adjac
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 from . import VirtioError
+from .mapping import coalesce, mapping_address
 from .ring import align_up
 from .transport import DmaBuffer
 
@@ -134,9 +134,7 @@ class DmaMemory:
             raise DmaError(f"cannot map {pages} hugepages: {exc.strerror}") from None
         self._view = memoryview(self._map)
         try:
-            anchor = ctypes.c_char.from_buffer(self._map)
-            self._base = ctypes.addressof(anchor)
-            del anchor  # the buffer export would keep the mapping from ever closing
+            self._base = mapping_address(self._map)
             self.physical = self._resolve()
         except BaseException:
             self.close()
@@ -197,15 +195,7 @@ class DmaMemory:
         offset, size = self._used.pop(key, (None, 0))
         if offset is None:
             raise DmaError(f"DMA memory at {key:#x} was not allocated here")
-        self._free.append((offset, offset + size))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for start, end in self._free:
-            if merged and merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((start, end))
-        self._free = merged
+        self._free = coalesce([*self._free, (offset, offset + size)])
 
     def close(self) -> None:
         self._used.clear()

@@ -14,7 +14,6 @@ two readings of the spec cross-check each other.
 from __future__ import annotations
 
 import array
-import ctypes
 import enum
 import logging
 import mmap
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 from . import VirtioError
+from .mapping import coalesce, mapping_address
 from .ring import align_up
 from .transport import (
     STATUS_DRIVER_OK,
@@ -247,11 +247,7 @@ class MemoryRegion(NamedTuple):
     @property
     def qva(self) -> int:
         """This process's address of the mapping: what QEMU sends as userspace_addr."""
-        anchor = ctypes.c_char.from_buffer(self.mmap)
-        try:
-            return ctypes.addressof(anchor)
-        finally:
-            del anchor  # drop the buffer export so the mmap can be closed later
+        return mapping_address(self.mmap)
 
 
 class GuestMemory:
@@ -318,15 +314,7 @@ class GuestMemory:
         size = self._allocated.pop(gpa, None)
         if size is None:
             raise VirtioError(f"guest memory: {gpa:#x} was not allocated")
-        self._free.append((gpa, gpa + size))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for start, end in self._free:
-            if merged and merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], end)
-            else:
-                merged.append((start, end))
-        self._free = merged
+        self._free = coalesce([*self._free, (gpa, gpa + size)])
 
     def view(self, gpa: int, size: int) -> memoryview:
         """Writable view of [gpa, gpa+size), which must lie inside one region."""
