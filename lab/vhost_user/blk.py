@@ -89,10 +89,10 @@ class BlkDevice(Device):
         rtype, _reserved, sector = HEADER.unpack(header)
         data_in = wtotal - 1
         try:
-            status, written = self._dispatch(rtype, sector, readable, writable, data_in)
+            status = self._dispatch(rtype, sector, readable, writable, data_in)
         except OSError as exc:
             log.warning("blk request type %d sector %d failed: %s", rtype, sector, exc)
-            status, written = S_IOERR, 0
+            status = S_IOERR
         writable[-1][-1] = status  # descriptors are never empty, so this is the chain's last byte
         # The used length covers the whole writable part, as QEMU's virtio-blk reports it: the
         # status byte sits at its very end, and the dirty log records writes up to the used
@@ -104,31 +104,32 @@ class BlkDevice(Device):
 
     def _dispatch(
         self, rtype: int, sector: int, readable: list[memoryview], writable: list[memoryview], data_in: int
-    ) -> tuple[int, int]:
+    ) -> int:
         if rtype == T_IN:
             if not self._in_range(sector, data_in):
-                return S_IOERR, 0
+                return S_IOERR
             transfer(os.preadv, self._fd, Buffers.slice(writable, 0, data_in), sector * SECTOR)
-            return S_OK, data_in
+            return S_OK
         if rtype == T_OUT:
             data = Buffers.slice(readable, HEADER.size, Buffers.total(readable) - HEADER.size)
             nbytes = Buffers.total(data)
             if self.read_only or not self._in_range(sector, nbytes):
-                return S_IOERR, 0
+                return S_IOERR
             transfer(os.pwritev, self._fd, data, sector * SECTOR)
             if not self.writeback:
                 os.fdatasync(self._fd)
-            return S_OK, 0
+            return S_OK
         if rtype == T_FLUSH:
             if not self.read_only:
                 os.fdatasync(self._fd)
-            return S_OK, 0
+            return S_OK
         if rtype == T_GET_ID:
             n = min(ID_BYTES, data_in)
-            return S_OK, Buffers.scatter(writable, 0, self.serial.ljust(ID_BYTES, b"\0")[:n])
+            Buffers.scatter(writable, 0, self.serial.ljust(ID_BYTES, b"\0")[:n])
+            return S_OK
         if rtype in (T_DISCARD, T_WRITE_ZEROES):
-            return self._ranges(rtype, readable), 0
-        return S_UNSUPP, 0
+            return self._ranges(rtype, readable)
+        return S_UNSUPP
 
     def _ranges(self, rtype: int, readable: list[memoryview]) -> int:
         payload = Buffers.gather(readable, HEADER.size, Buffers.total(readable) - HEADER.size)
