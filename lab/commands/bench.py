@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ("boot", "backend", "guest_blk", "guest_scsi", "guest_driver")
+BENCHES = ("boot", "backend", "guest_blk", "guest_scsi", "guest_driver", "migration")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
