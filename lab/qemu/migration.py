@@ -40,6 +40,9 @@ class MigrationPlan:
     limit_bandwidth: int | None = 32 << 20  # bytes/s during the first passes; None: never limited
     passes: int = 3  # dirty-sync passes before the switch to postcopy / the lift / the cancel
     downtime_limit_ms: int = 300  # for postcopy keep it tiny, or precopy may converge before the switch
+    # bytes/s of the background page stream once in postcopy (None: unlimited); pages somebody
+    # faulted on are sent at once whatever the limit, so a low one leaves pages missing for longer
+    postcopy_bandwidth: int | None = None
     transport: str = "unix"  # "unix" (a socket in the destination's workdir) or "tcp" (loopback)
     cancel: bool = False  # cancel after `passes` instead of finishing
     stall_seconds: float = 60.0
@@ -107,6 +110,7 @@ def migrate(source: Machine, destination: Machine, plan: MigrationPlan) -> Migra
     for side in (src, dst):
         side.cmd("migrate-set-capabilities", capabilities=capabilities)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": plan.limit_bandwidth or UNLIMITED,
+                                         "max-postcopy-bandwidth": plan.postcopy_bandwidth or 0,
                                          "downtime-limit": plan.downtime_limit_ms})
     lease = None
     if plan.transport == "tcp":
