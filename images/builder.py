@@ -119,6 +119,7 @@ def ensure_image(
             work.rename(final)
         finally:
             _remove_tree(work)
+        _remove_superseded(root, final, say)
     return load_image(final)
 
 
@@ -155,6 +156,22 @@ def _remove_leftovers(root: Path) -> None:
                 _remove_tree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _remove_superseded(root: Path, current: Path, say: Progress) -> None:
+    """Builds of older recipes (and their package tarballs) after a new build: each is some
+    hundred MiB and nothing uses them again. Only called with the lock held; a guest still
+    running from an old image keeps its open files."""
+    keep = {current, root / "rootfs-base" / f"{recipe.rootfs_base_hash()}.tar"}
+    old = [p for p in (*root.glob("images/*"), *root.glob("rootfs-base/*.tar"))
+           if p not in keep and not p.name.startswith(".")]
+    for path in old:
+        if path.is_dir():
+            _remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if old:
+        say(f"image: removed {len(old)} superseded build(s) from {root}")
 
 
 def _sha256(data: bytes) -> str:

@@ -171,6 +171,22 @@ def test_leftovers_of_interrupted_builds_are_removed(tmp_path: Path) -> None:
     assert not stale_dir.exists() and not stale_tar.exists() and kept.is_dir()
 
 
+def test_a_new_build_removes_superseded_ones(tmp_path: Path) -> None:
+    current = builder.image_dir(tmp_path)
+    base = tmp_path / "rootfs-base" / f"{recipe.rootfs_base_hash()}.tar"
+    old_image = tmp_path / "images" / ("0" * 64)
+    old_base = tmp_path / "rootfs-base" / ("1" * 64 + ".tar")
+    for d in (current, old_image, base.parent):
+        d.mkdir(parents=True)
+    for f in (base, old_base, old_image / "rootfs.ext4"):
+        f.write_bytes(b"x")
+    messages: list[str] = []
+    builder._remove_superseded(tmp_path, current, messages.append)
+    assert current.is_dir() and base.is_file()
+    assert not old_image.exists() and not old_base.exists()
+    assert messages == [f"image: removed 2 superseded build(s) from {tmp_path}"]
+
+
 def test_cache_root_honours_lab_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
