@@ -137,6 +137,11 @@ class MigrationJob:
                 self._after_completion(result, source, destination, liveio)
             elif result.status == "cancelled":
                 self._after_cancel(result, source, destination, liveio)
+            elif result.status == "postcopy-paused":
+                # the guest is split between both sides for good and their vCPUs wait for pages
+                # that will never come: a QMP quit would only time out
+                for side in (destination, source):
+                    side.machine.kill()
         finally:
             sampler.stop()
         stem = f"timeline-{destination.name}"

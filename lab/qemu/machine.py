@@ -375,6 +375,14 @@ class Machine:
         self._forget()
         return self.returncode
 
+    def kill(self) -> int | None:
+        """SIGKILL the group at once (a QEMU that cannot quit: vCPUs stuck on missing pages)."""
+        self._close_ssh()
+        if self.proc is not None and self.returncode is None:
+            self.returncode = process.stop_group(self.proc, term_grace=0)
+        self._forget()
+        return self.returncode
+
     def release(self) -> None:
         """Let a detached QEMU run on after this process: drop the SSH and QMP connections and
         forget it, without stopping it (its bound port stays its own). Whoever released it
