@@ -4,6 +4,9 @@
 command line as entry point; `GuestDriver.install` copies it into the guest; list/info/io run
 `python3 labvirtio.pyz ... --json` over SSH and return typed results (io: the engine's own
 IoReport). A refusal or failure in the guest becomes DriverError carrying the driver's one line.
+`start_io` leaves an `io --until-stopped` run going in the guest, detached from SSH (it survives
+the connection, e.g. to the source of a live migration); the DetachedIo it returns follows,
+stops and collects it through files over whichever connection reaches the guest now.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import json
 import shlex
 import shutil
 import tempfile
+import time
 import zipapp
 from pathlib import Path
 from typing import Any
 
-from lab.errors import LabError
+from lab.errors import LabError, TimeoutExpired
 from lab.guest.ssh import GuestSSH, Result
-from lab.virtio.engine import IoReport
+from lab.virtio.engine import IoCounters, IoReport
 
 VIRTIO_SOURCES = Path(__file__).resolve().parents[1] / "virtio"
 PACKAGE = "labvirtio"
@@ -30,6 +34,10 @@ GUEST_PATH = f"/root/{ZIPAPP}"
 # left the rings of the virtio-scsi devices it probed, and a vhost-user back end then finds those
 # rings overwritten when the guest kernel resets the device (our scsi back end breaks on that).
 HUGEPAGES = 64
+RUN_DIR = "/tmp/labvirtio-run"  # a detached run's files: progress.jsonl, stop, report.json, stderr, status
+START_SECONDS = 120.0  # a detached run takes the device and reports its first counters (TCG)
+STOP_SECONDS = 120.0  # ... finishes its requests in flight, flushes and gives the device back
+POLL_SECONDS = 0.3
 
 
 class DriverError(LabError):
@@ -87,7 +95,7 @@ class GuestDriver:
         """The driver's command line as given; DriverError on a non-zero exit when `check`."""
         result = self.ssh.run(f"python3 {self.path} {shlex.join(args)}", timeout=timeout, check=False)
         if check and result.exit_status != 0:
-            raise self._error(args, result)
+            raise driver_error(args, result)
         return result
 
     def error(self, args: list[str], timeout: float = 120.0) -> str:
@@ -95,10 +103,18 @@ class GuestDriver:
         result = self.run(args, timeout, check=False)
         if result.exit_status == 0:
             raise LabError(f"labvirtio {shlex.join(args)} succeeded; a refusal was expected:\n{result.stdout[-500:]}")
-        return self._error(args, result).message
+        return driver_error(args, result).message
 
     def list(self) -> list[PciEntry]:
         return [PciEntry(**row) for row in self._json(["list", "--json"])]
+
+    def function_of(self, block_device: str) -> str:
+        """The PCI address (BDF) of the function behind the kernel's `block_device` (/dev/vdb)."""
+        name = block_device.removeprefix("/dev/")
+        found = [entry.bdf for entry in self.list() if name in entry.block]
+        if len(found) != 1:
+            raise LabError(f"{len(found)} virtio functions carry {block_device}: {found}")
+        return found[0]
 
     def info(self, bdf: str, timeout: float = 120.0) -> dict[str, Any]:
         return self._json(["info", bdf, "--json"], timeout)
@@ -107,19 +123,32 @@ class GuestDriver:
         """`io BDF --json` with options as keywords (rw="randrw", qd=32, verify=True, ...).
 
         The report comes back even when the run found errors (exit status 1): callers assert."""
-        args = ["io", bdf, "--json"]
-        for key, value in options.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif value not in (False, None):
-                args += [flag, str(value)]
+        args = io_args(bdf, options)
         seconds = float(options.get("seconds") or 0) * int(options.get("passes") or 1)
-        result = self.run(args, timeout or seconds + 180.0, check=False)
-        try:
-            return IoReport.from_json(json.loads(result.stdout))
-        except (ValueError, TypeError, KeyError):
-            raise self._error(args, result) from None
+        return report_of(args, self.run(args, timeout or seconds + 180.0, check=False))
+
+    def start_io(self, bdf: str, directory: str = RUN_DIR, timeout: float = START_SECONDS,
+                 **options: Any) -> DetachedIo:
+        """`io BDF` with `options` as for io(), running until stopped, detached from SSH; returns
+        once it reports counters (DriverError if it fails before)."""
+        if self.ssh.run(f"test -e {shlex.quote(directory)}", check=False).exit_status == 0:
+            raise LabError(f"{directory} exists in the guest: a detached labvirtio run used it already")
+        run = DetachedIo(io_args(bdf, options), directory)
+        args = run.args + ["--until-stopped", run.path("stop"), "--progress", run.path("progress.jsonl")]
+        # the exit status is written last: its file says that the report is complete
+        inner = (f"python3 {shlex.quote(self.path)} {shlex.join(args)} > {run.file('report.tmp')} "
+                 f"2> {run.file('stderr')}; echo $? > {run.file('status.tmp')}; "
+                 f"mv {run.file('report.tmp')} {run.file('report.json')}; mv {run.file('status.tmp')} {run.file('status')}")
+        # only the run goes to the background, its output away from the SSH channel, which
+        # therefore closes when this command returns; setsid: no hangup when the connection dies
+        self.ssh.run(f"mkdir -p {shlex.quote(directory)} && "
+                     f"{{ setsid nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null & }}")
+        deadline = time.monotonic() + timeout
+        while run.progress(self.ssh) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutExpired(f"labvirtio {shlex.join(args[:2])} reported no progress after {timeout:.0f}s")
+            time.sleep(POLL_SECONDS)
+        return run
 
     def _json(self, args: list[str], timeout: float = 120.0) -> Any:
         result = self.run(args, timeout)
@@ -128,7 +157,84 @@ class GuestDriver:
         except ValueError:
             raise LabError(f"labvirtio {shlex.join(args)} printed no JSON:\n{result.stdout[-500:]}") from None
 
-    @staticmethod
-    def _error(args: list[str], result: Result) -> DriverError:
-        lines = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.exit_status}").splitlines()
-        return DriverError(shlex.join(args[:2]), lines[-1].removeprefix("labvirtio: error: "), result)
+
+@dataclasses.dataclass(frozen=True)
+class DetachedIo:
+    """An `io --until-stopped` run in the guest, known by its files in `directory`. Each method
+    takes the SSH connection to use: after a migration, the destination's."""
+
+    args: list[str]
+    directory: str
+
+    def path(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    def file(self, name: str) -> str:
+        """path() for a shell command line."""
+        return shlex.quote(self.path(name))
+
+    def progress(self, ssh: GuestSSH) -> IoCounters | None:
+        """The latest counters (None before the first); DriverError if the run has ended."""
+        out = ssh.run(f"cat {self.file('status')} 2>/dev/null; echo; tail -n 2 {self.file('progress.jsonl')} 2>/dev/null",
+                      check=False).stdout
+        status, _, tail = out.partition("\n")
+        if status.strip():
+            raise driver_error(self.args, self._result(ssh, int(status)))
+        lines = [line for line in tail.splitlines(keepends=True) if line.endswith("\n")]  # not one being written
+        return IoCounters(**json.loads(lines[-1])) if lines else None
+
+    def wait_for_more(self, ssh: GuestSSH, ios: int, timeout: float) -> IoCounters:
+        """The counters once `ios` more requests completed: the run and its device work (on the
+        guest's current side); TimeoutExpired if not within `timeout`."""
+        start = self.progress(ssh)
+        done = start.ios if start else 0
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.progress(ssh)
+            if now is not None and now.ios >= done + ios:
+                return now
+            if time.monotonic() > deadline:
+                raise TimeoutExpired(f"guest driver I/O stalled: {now} (wanted {ios} more requests in {timeout:.0f}s)")
+            time.sleep(POLL_SECONDS)
+
+    def stop(self, ssh: GuestSSH, timeout: float = STOP_SECONDS) -> IoReport:
+        """Tell the run to finish; its report (even one with errors: callers assert), or
+        DriverError if it failed without one."""
+        ssh.run(f"touch {self.file('stop')}")
+        deadline = time.monotonic() + timeout
+        while (status := ssh.run(f"cat {self.file('status')}", check=False)).exit_status != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutExpired(f"labvirtio {shlex.join(self.args[:2])} still running {timeout:.0f}s after the stop")
+            time.sleep(POLL_SECONDS)
+        return report_of(self.args, self._result(ssh, int(status.stdout)))
+
+    def _result(self, ssh: GuestSSH, status: int) -> Result:
+        """The ended run as if it had run in the foreground."""
+        def read(name: str) -> str:
+            return ssh.run(f"cat {self.file(name)}", check=False).stdout
+
+        return Result(shlex.join(self.args), status, read("report.json"), read("stderr"))
+
+
+def io_args(bdf: str, options: dict[str, Any]) -> list[str]:
+    """`io BDF --json` and the options as flags (flag=True: present, False or None: absent)."""
+    args = ["io", bdf, "--json"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (False, None):
+            args += [flag, str(value)]
+    return args
+
+
+def report_of(args: list[str], result: Result) -> IoReport:
+    try:
+        return IoReport.from_json(json.loads(result.stdout))
+    except (ValueError, TypeError, KeyError):
+        raise driver_error(args, result) from None
+
+
+def driver_error(args: list[str], result: Result) -> DriverError:
+    lines = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.exit_status}").splitlines()
+    return DriverError(shlex.join(args[:2]), lines[-1].removeprefix("labvirtio: error: "), result)

@@ -3,6 +3,7 @@
     list                       virtio PCI functions, their kind and kernel driver
     info BDF                   initialise the device, print features, queues, config (scsi: disks)
     io BDF --rw randrw --bs 4k --qd 32 --seconds N --seed S --verify --json
+    io BDF ... --until-stopped FILE --progress FILE   run until FILE exists, counters as JSON lines
 
 A device is taken from the kernel for the command and given back when it ends (also on SIGTERM
 or SIGHUP). Problems print one line, `labvirtio: error: ...`, and exit with status 1.
@@ -11,17 +12,19 @@ or SIGHUP). Problems print one line, `labvirtio: error: ...`, and exit with stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import signal
 import sys
-from typing import Sequence, Union
+from typing import Sequence, TextIO, Union
 
 from . import VirtioError
 from .blk import BlkDevice
 from .dma import HUGEPAGE
-from .engine import RW_MODES, BlkTarget, IoEngine, IoSpec, ScsiTarget, Target
+from .engine import RW_MODES, BlkTarget, IoEngine, IoSpec, ScsiTarget, Target, Tick
 from .pci import PciFunction, PciTransport, find, list_functions, require_root
 from .scsi import ScsiHost
 
@@ -54,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--queues", type=int, default=1, help="request queues used in parallel")
     io.add_argument("--seconds", type=float, help="stop submitting after this long (per pass)")
     io.add_argument("--ios", type=int, help="stop after this many requests (per pass)")
+    io.add_argument("--until-stopped", metavar="FILE", help="run until FILE exists (one pass)")
+    io.add_argument("--progress", metavar="FILE", help="append the counters to FILE as a JSON line, every quarter second")
     io.add_argument("--seed", type=int, default=0)
     io.add_argument("--verify", action="store_true", help="stamp writes and check what reads return")
     io.add_argument("--generation", type=int, default=1, help="stamp generation of this run's writes")
@@ -144,20 +149,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_counters(progress: TextIO | None, engine: IoEngine) -> None:
+    if progress is not None:
+        progress.write(json.dumps(engine.counters().to_json()) + "\n")
+
+
+def watcher(stop_file: str | None, progress: TextIO | None) -> Tick | None:
+    """The engine's tick: counters out to `progress`, go on while `stop_file` does not exist."""
+    if stop_file is None and progress is None:
+        return None
+
+    def tick(engine: IoEngine) -> bool:
+        write_counters(progress, engine)
+        return stop_file is None or not os.path.exists(stop_file)
+
+    return tick
+
+
 def cmd_io(args: argparse.Namespace) -> int:
     require_root()
     spec = IoSpec(
         rw=args.rw, bs=args.bs, qd=args.qd, queues=args.queues, seconds=args.seconds, ios=args.ios, seed=args.seed,
         verify=args.verify, generation=args.generation, prior=args.prior, first_block=args.first_block,
-        blocks=args.blocks, rwmix_read=args.rwmix_read,
+        blocks=args.blocks, rwmix_read=args.rwmix_read, until_stopped=args.until_stopped is not None,
     )
     spec.check()
     if args.passes < 1:
         raise VirtioError("--passes must be at least 1")
+    if spec.until_stopped and args.passes != 1:
+        raise VirtioError("--until-stopped runs one pass")
     function = driven_function(args.device)
     queue_size = ring_size(spec.qd, spec.bs)
-    hugepages = args.hugepages or 4 + spec.queues + -(-spec.queues * spec.qd * spec.bs // HUGEPAGE)
-    with PciTransport(function.bdf, hugepages=hugepages) as transport:
+    hugepages = args.hugepages or 4 + spec.queues + -(-spec.data_bytes() // HUGEPAGE)
+    with contextlib.ExitStack() as stack:
+        # line-buffered: a reader of the file sees whole lines only
+        progress = stack.enter_context(open(args.progress, "a", buffering=1)) if args.progress else None
+        tick = watcher(args.until_stopped, progress)
+        transport = stack.enter_context(PciTransport(function.bdf, hugepages=hugepages))
         engine: IoEngine | None = None
         for _ in range(args.passes):
             device = open_device(transport, function.kind, spec.queues, queue_size)
@@ -165,9 +193,10 @@ def cmd_io(args: argparse.Namespace) -> int:
                 target = target_of(device, args.target, args.lun)
                 if engine is None:
                     engine = IoEngine(transport.dma, spec, target.capacity, target.block_size, target.meta_size)
-                engine.run(target)
+                engine.run(target, tick)
             finally:
                 device.device.reset()  # between passes: the next one re-initialises from scratch
+        write_counters(progress, engine)  # the totals at the end
         report = engine.report(function.bdf, function.kind)
     if args.json:
         print(json.dumps(report.to_json()))

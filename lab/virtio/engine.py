@@ -3,10 +3,15 @@
 A target (a virtio-blk device, or one LUN of a virtio-scsi host) turns a slot's request into a
 descriptor chain from preallocated per-slot metadata; the engine owns the data buffers (hugepage
 memory split where its physical ranges break), picks blocks, keeps every queue full, polls all
-used rings in turn and measures each request. With `verify`, writes carry workload stamps of
+used rings in turn and measures each request. In randrw, reads land in buffers that only the
+device writes and writes go out from buffers that only the CPU fills: what a read buffer holds
+is the device's doing alone (after a live migration, only the back end's dirty log brought it
+over to the destination). With `verify`, writes carry workload stamps of
 (block, generation, seed) and reads check them against what this run wrote or, for blocks it has
 not written, against `prior` (the generation the span held before; 0: zeros). The engine state
 outlives a device reset, so a second pass on a re-initialised device checks the first pass's data.
+A run can be watched and ended from outside: a tick callback sees the engine every TICK_SECONDS
+(its counters so far) and says whether to go on; `until_stopped` runs until it says no.
 Reports are plain dataclasses shared with the host side (lab.guest.driver), which parses the JSON.
 """
 
@@ -17,7 +22,7 @@ import random
 import struct
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from . import DeviceTimeout, VirtioError
 from .blk import F_FLUSH, T_IN, T_OUT, BlkDevice
@@ -29,6 +34,7 @@ from .workload import MIN_BLOCK, check_block, stamp_block
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
 MAX_MISMATCHES = 10
 STALL_SECONDS = 10.0
+TICK_SECONDS = 0.25
 
 _BLK_HEADER = struct.Struct("<IIQ")
 _RW16 = struct.Struct(">BBQIBB")
@@ -54,6 +60,7 @@ class IoSpec:
     first_block: int = 0  # the span, in units of bs
     blocks: int | None = None  # None: to the end of the device
     rwmix_read: int = 50  # percent of reads in randrw
+    until_stopped: bool = False  # run until the tick callback says stop (and --seconds/--ios, if given)
 
     def check(self) -> None:
         if self.rw not in RW_MODES:
@@ -64,10 +71,18 @@ class IoSpec:
             raise VirtioError(f"--verify needs --bs >= {MIN_BLOCK}")
         if self.qd < 1 or self.queues < 1:
             raise VirtioError("--qd and --queues must be at least 1")
-        if self.seconds is None and self.ios is None:
-            raise VirtioError("give --seconds or --ios")
+        if self.seconds is None and self.ios is None and not self.until_stopped:
+            raise VirtioError("give --seconds, --ios or --until-stopped")
         if self.generation < 1:
             raise VirtioError("--generation must be at least 1 (0 means zeros)")
+
+    @property
+    def mixed(self) -> bool:
+        return self.rw == "randrw"
+
+    def data_bytes(self) -> int:
+        """DMA memory for the data buffers: qd per queue, twice over when reads and writes mix."""
+        return (2 if self.mixed else 1) * self.queues * self.qd * self.bs
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,22 @@ class IoReport:
     @classmethod
     def from_json(cls, data: dict) -> IoReport:
         return cls(**{**data, "latency": Latency(**data["latency"])})
+
+
+@dataclass(frozen=True)
+class IoCounters:
+    """A running engine's totals so far (all passes), for watching a long run from outside."""
+
+    t: float  # wall clock (time.time()) when taken
+    ios: int
+    reads: int
+    writes: int
+    errors: int
+    verify_checked: int
+    verify_errors: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class Target(Protocol):
@@ -225,6 +256,9 @@ class ScsiTarget:
         self.host.synchronize_cache(self.disk.target, self.disk.lun)
 
 
+Tick = Callable[["IoEngine"], bool]  # sees the running engine; False: stop submitting
+
+
 class IoEngine:
     """Buffers and bookkeeping for `spec` on targets of `capacity` bytes; run() once per pass."""
 
@@ -246,10 +280,12 @@ class IoEngine:
         self._rng = random.Random(spec.seed)
         self._cursor = 0
         self._meta = [dma.alloc(spec.qd * meta_size) for _ in range(spec.queues)]
-        data = [dma.alloc_sg(spec.qd * spec.bs, 4096) for _ in range(spec.queues)]
-        self._buffers: list[list[SgBuffer]] = [[d.slice(i * spec.bs, spec.bs) for i in range(spec.qd)] for d in data]
+        self._buffers = self._slot_buffers(dma)  # reads' (and, unless mixed, writes')
+        self._write_buffers = self._slot_buffers(dma) if spec.mixed else self._buffers
+        sets = [self._buffers, self._write_buffers] if spec.mixed else [self._buffers]
+        self._every_buffer = [b for buffers in sets for q in buffers for b in q]
         self.dma_extents = len(dma.extents)
-        self.split_buffers = sum(len(b.segments) > 1 for q in self._buffers for b in q)
+        self.split_buffers = sum(len(b.segments) > 1 for b in self._every_buffer)
         self.latencies: list[float] = []
         self.reads = self.writes = self.errors = 0
         self.checked = self.unchecked = self.verify_errors = 0
@@ -259,16 +295,19 @@ class IoEngine:
         self.seconds = 0.0
         self.passes = 0
 
-    def run(self, target: Target) -> None:
-        """One pass: keep qd requests in flight on each queue until the time or count is up."""
+    def run(self, target: Target, tick: Tick | None = None) -> None:
+        """One pass: keep qd requests in flight on each queue until the time or count is up or
+        `tick` (called with the engine first thing and every TICK_SECONDS) returns False."""
         spec = self.spec
+        if spec.until_stopped and tick is None:
+            raise VirtioError("a run until stopped needs a tick that can stop it")
         queues = list(target.queues[: spec.queues])
-        descriptors = max(len(b.segments) for q in self._buffers for b in q) + 2
+        descriptors = max(len(b.segments) for b in self._every_buffer) + 2
         if len(queues) < spec.queues:
             raise VirtioError(f"{spec.queues} queues requested, the device set up {len(queues)}")
         if descriptors - 2 > target.max_segments:
             raise VirtioError(f"a {spec.bs} B buffer needs {descriptors - 2} segments, the device takes {target.max_segments}")
-        longest = max(size for q in self._buffers for b in q for _addr, size in b.segments)
+        longest = max(size for b in self._every_buffer for _addr, size in b.segments)
         if longest > target.max_segment_bytes:
             raise VirtioError(f"a {longest} B segment exceeds the device's size_max {target.max_segment_bytes}")
         for q in queues:
@@ -279,7 +318,7 @@ class IoEngine:
                 target.prepare(meta.view, slot * self.meta_size, slot)
         sequential = not spec.rw.startswith("rand")
         always_write = spec.rw in ("write", "randwrite")
-        mixed = spec.rw == "randrw"
+        mixed = spec.mixed
         limit = spec.ios if spec.ios is not None else 1 << 62
         deadline = time.perf_counter() + spec.seconds if spec.seconds is not None else float("inf")
         bs, first, seed, generation = spec.bs, spec.first_block, spec.seed, spec.generation
@@ -306,7 +345,7 @@ class IoEngine:
                 while busy[block]:
                     block = rng.randrange(self.blocks)
             busy[block] = 1
-            buffer = self._buffers[qi][slot]
+            buffer = (self._write_buffers if write else self._buffers)[qi][slot]
             if write and spec.verify:
                 stamp_block(buffer.view, first + block, generation, seed)
             meta = self._meta[qi]
@@ -339,6 +378,7 @@ class IoEngine:
                 self.errors += 1
 
         start = time.perf_counter()
+        next_tick = start
         for qi, q in enumerate(queues):
             for slot in range(spec.qd):
                 if submitted < limit:
@@ -359,15 +399,30 @@ class IoEngine:
                     if more and submitted < limit:
                         submit(qi, slot, now)
                 q.flush()
+            now = time.perf_counter()
             if progressed:
-                last_progress = time.perf_counter()
-            elif time.perf_counter() - last_progress > STALL_SECONDS:
+                last_progress = now
+            elif now - last_progress > STALL_SECONDS:
                 raise DeviceTimeout(f"no completion for {STALL_SECONDS}s with {in_flight} requests in flight")
+            if tick is not None and now >= next_tick:
+                next_tick = now + TICK_SECONDS
+                if not tick(self):
+                    deadline = float("-inf")  # submit no more; the requests in flight finish
         self.seconds += time.perf_counter() - start
         self.kicks += sum(q.kicks for q in queues) - kicks_before
         self.passes += 1
         if self.writes:
             target.flush()
+
+    def _slot_buffers(self, dma: DmaMemory) -> list[list[SgBuffer]]:
+        """qd buffers of bs bytes for each queue, each starting on a page of its own."""
+        spec = self.spec
+        data = [dma.alloc_sg(spec.qd * spec.bs, 4096) for _ in range(spec.queues)]
+        return [[d.slice(i * spec.bs, spec.bs) for i in range(spec.qd)] for d in data]
+
+    def counters(self) -> IoCounters:
+        return IoCounters(time.time(), self.reads + self.writes, self.reads, self.writes, self.errors,
+                          self.checked, self.verify_errors)
 
     def _check(self, view: memoryview, block: int) -> None:
         spec = self.spec
