@@ -36,6 +36,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("fio", "fio"),
     Requirement("ssh-keygen", "openssh-client"),
     Requirement("ssh", "openssh-client"),
+    # a second host for multi-host migration: sshd in a network namespace (lab.netns)
+    Requirement("sshd", "openssh-server"),
+    Requirement("ip", "iproute2"),
     Requirement("dpkg-deb", "dpkg"),
     Requirement("apt-get", "apt"),
     Requirement("apt-cache", "apt"),

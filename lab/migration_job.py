@@ -4,8 +4,9 @@ One job = one guest and one disk image. Each side is a QEMU machine plus its own
 process on that same image (blk: ours or qemu-storage-daemon; scsi: ours); a hop starts the
 next side with `-incoming defer`, migrates into it while the I/O sampler watches both back
 ends, checks both sides and the back end logs, saves the timeline (JSON + PNG) in the job's
-directory, and retires the old side (or, after a cancel, the new one). Used by the migration
-scenarios, `lab bench migration` and `lab demo`.
+directory, and retires the old side (or, after a cancel, the new one). A hop may place the new
+side on another host reached by SSH (lab.remote), the disk image on storage both share. Used by
+the migration scenarios, `lab bench migration` and `lab demo`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lab.qemu.machine import (
     vhost_user_scsi_disk,
 )
 from lab.qemu.migration import (
+    LOOPBACK,
     MigrationPlan,
     MigrationResult,
     check_backends,
@@ -34,6 +36,7 @@ from lab.qemu.migration import (
     destination_config,
     migrate,
 )
+from lab.remote import RemoteBackend, RemoteHost, RemoteMachine
 
 # The plans and workloads the scenarios, `lab bench migration` and `lab demo` share.
 PRECOPY = MigrationPlan(limit_bandwidth=32 << 20, passes=4)  # several bandwidth-limited passes, then the lift
@@ -68,6 +71,15 @@ class Side:
     name: str
     machine: Machine
     backend: BackendProcess
+    host: RemoteHost | None = None  # None: this host
+
+
+def _incoming_address(source: Side, destination: Side) -> str:
+    """Where `destination` listens for the migration stream from `source`: its host's address,
+    or, on this host, the address the source's host reaches this one on."""
+    if destination.host is not None:
+        return destination.host.address
+    return LOOPBACK if source.host is None else source.host.local_address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +134,22 @@ class MigrationJob:
             return found[0]
         return self.ssh.disk_by_serial(self.current.backend.guest_serial)
 
-    def hop(self, plan: MigrationPlan, liveio: LiveIO | None = None, title: str = "migration") -> Hop:
-        """Migrate the guest to a new side; on success the old side is retired, after a cancel
-        the new one. The result's problems include everything the checks found."""
+    def hop(self, plan: MigrationPlan, liveio: LiveIO | None = None, title: str = "migration",
+            host: RemoteHost | None = None) -> Hop:
+        """Migrate the guest to a new side, on this host or on `host` (over tcp when either
+        side is on another host); on success the old side is retired, after a cancel the new
+        one. The result's problems include everything the checks found."""
+        if (host is not None or self.current.host is not None) and plan.transport != "tcp":
+            raise LabError("a side on another host is reached over tcp: use a plan with transport='tcp'")
         source = self.current
-        destination = self._side(incoming=True)
+        destination = self._side(incoming=True, host=host)
         sampler = timeline.IoSampler()
-        sampler.watch(f"{source.name} back end (source)", source.backend.pid)
-        sampler.watch(f"{destination.name} back end (destination)", destination.backend.pid)
+        for side, role in ((source, "source"), (destination, "destination")):
+            if side.host is None:  # the sampler reads this host's /proc
+                sampler.watch(f"{side.name} back end ({role})", side.backend.pid)
         sampler.start()
         try:
-            result = migrate(source.machine, destination.machine, plan)
+            result = migrate(source.machine, destination.machine, plan, _incoming_address(source, destination))
             if result.status == "completed":
                 self._after_completion(result, source, destination, liveio)
             elif result.status == "cancelled":
@@ -184,17 +201,24 @@ class MigrationJob:
         problems = side.backend.finish(self.config.expect_trouble)
         result.add_problems([f"retired side {side.name}: {p}" for p in problems])
 
-    def _side(self, incoming: bool) -> Side:
+    def _side(self, incoming: bool, host: RemoteHost | None = None) -> Side:
         cfg = self.config
         name = f"vm{self._count}"
         self._count += 1
-        backend = self._backend(name).start()
+        backend = self._backend(name)
+        if host is not None:
+            backend = RemoteBackend.on(host, backend)
+        backend.start()
         options = self._options(backend)
         if incoming:
             config = destination_config(self.current.machine.config, name, cfg.workdir / name, options)
         else:
             config = MachineConfig(name, cfg.image, cfg.workdir / name, mem_mib=cfg.mem_mib, options=options)
-        side = Side(name, Machine(config), backend)
+        if host is None:
+            machine = Machine(config)
+        else:  # with the source's accelerator: the other host cannot be probed from here
+            machine = RemoteMachine(dataclasses.replace(config, accel=self.current.machine.accel), host)
+        side = Side(name, machine, backend, host)
         self.sides.append(side)
         side.machine.launch()
         return side

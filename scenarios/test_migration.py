@@ -17,14 +17,11 @@ import dataclasses
 
 import pytest
 
-from fixtures.migration import JobFactory
+from fixtures.migration import JobFactory, assert_good, landed, start_io, verify
 from lab.backends import SCSI_KIND, backend_available
-from lab.guest.liveio import LiveIO, LiveIOConfig, LiveIOResult
 from lab.migration_job import (
     POSTCOPY,
     PRECOPY,
-    Hop,
-    MigrationJob,
     read_heavy,
     write_heavy,
 )
@@ -36,56 +33,7 @@ SEED = 0x316
 READ_HEAVY = read_heavy(SEED)
 WRITE_HEAVY = write_heavy(SEED)
 
-LANDED_SECONDS = 120.0  # base, scaled: one turn of the read ring on the new side
-
 needs_userfaultfd = pytest.mark.skipif(postcopy.probe() is not None, reason=f"no userfaultfd: {postcopy.probe()}")
-
-
-def start_io(job: MigrationJob, config: LiveIOConfig) -> LiveIO:
-    liveio = LiveIO(config)
-    liveio.start(job.ssh, job.device())
-    liveio.wait_for_more(job.ssh, 200, job.current.machine.scaled(60))  # warmed up: buffers in use
-    return liveio
-
-
-def verify(job: MigrationJob, liveio: LiveIO, hop: Hop) -> LiveIOResult | None:
-    """Stop the agent where the guest runs now and add every verification problem to the hop's
-    result; the agent's report, or None when the guest could not be reached."""
-    if hop.result.status not in ("completed", "cancelled") or not job.sides:
-        return None
-    try:
-        report = liveio.stop(job.ssh)
-    except Exception as exc:  # an unreachable or hung guest is a finding, not a test error
-        hop.result.add_problems([f"guest unreachable for verification: {exc}"])
-        return None
-    hop.result.add_problems(report.problems())
-    image = [str(m) for m in liveio.verify_image(job.config.disk, report)]
-    if image:
-        hop.result.add_problems([f"{len(image)} blocks wrong in the image; first: {image[0]}"])
-    return report
-
-
-def landed(job: MigrationJob, liveio: LiveIO, hop: Hop) -> dict | None:
-    """After a hop (the agent keeps running): every read buffer the guest held when it landed
-    verified again on its new side; a problem on the hop for each mismatch the agent found so
-    far. The agent's counters, or None when the guest could not be reached."""
-    if hop.result.status not in ("completed", "cancelled") or not job.sides:
-        return None
-    try:
-        counters = liveio.checkpoint(job.ssh, job.current.machine.scaled(LANDED_SECONDS))
-    except Exception as exc:  # an unreachable or hung guest is a finding, not a test error
-        hop.result.add_problems([f"guest unreachable for verification: {exc}"])
-        return None
-    if counters["mismatches"]:
-        hop.result.add_problems([f"{counters['mismatches']} blocks wrong in the guest so far: {counters['by_where']}"])
-    return counters
-
-
-def assert_good(hop: Hop, mode: str) -> None:
-    result = hop.result
-    assert result.ok, f"{result.summary()}\n  " + "\n  ".join(result.problems)
-    assert result.mode == mode, result.summary()
-    assert hop.timeline_png.stat().st_size > 0
 
 
 @pytest.mark.parametrize("kind", ["ours", "qsd"])

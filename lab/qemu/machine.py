@@ -222,8 +222,9 @@ def ram_size(mem_mib: int, accel: accel_mod.Accel) -> str:
     return f"{mem_mib}M"
 
 
-def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> list[str]:
-    """The complete QEMU command line for `config` (pure: no files or processes touched)."""
+def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int, ssh_address: str = "127.0.0.1") -> list[str]:
+    """The complete QEMU command line for `config` (pure: no files or processes touched); the
+    guest's SSH is forwarded from `ssh_address`:`ssh_port` (port 0: QEMU picks one)."""
     if config.recorded_argv is not None:
         return with_ssh_port(config.recorded_argv, ssh_port)
     image = config.image
@@ -243,7 +244,7 @@ def build_argv(config: MachineConfig, accel: accel_mod.Accel, ssh_port: int) -> 
         chardev("socket", id="qmp", path=config.socket_path("qmp.sock"), server=True, wait=False),
         option("-mon", chardev="qmp", mode="control"),
         *virtio_blk_disk("root", image.rootfs, ROOT_SERIAL, read_only=True),
-        option("-netdev", "user", id="net0", hostfwd=f"tcp:127.0.0.1:{ssh_port}-:22"),
+        option("-netdev", "user", id="net0", hostfwd=f"tcp:{ssh_address}:{ssh_port}-:22"),
         # romfile= : PVH boot never uses the NIC's boot ROM, so don't load it.
         device("virtio-net-pci", netdev="net0", romfile=""),
         # sshd waits for the kernel's RNG to be seeded; a virtio-rng seeds it at once (0.8 s)

@@ -3,7 +3,8 @@
 The destination is a second QEMU started from the source's config with `-incoming defer` (its
 own memfd RAM, its own vhost-user back end process on the same image). `migrate()` sets the
 capabilities (events, postcopy-ram) and parameters (max-bandwidth, downtime-limit) on both
-sides, starts the migration over a unix socket or loopback TCP, and follows it through QMP
+sides, starts the migration over a unix socket or TCP (loopback, or the address of the
+destination's host when that is another one), and follows it through QMP
 events and query-migrate: after `passes` dirty-sync passes under the bandwidth limit it switches
 to postcopy, lifts the limit (precopy) or cancels. Waits follow progress: a migration whose
 status and transferred bytes stop moving for `stall_seconds` fails, however long it took.
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from lab.backends import TROUBLE, BackendProcess
 from lab.errors import LabError
-from lab.qemu.machine import Machine, MachineConfig, Option, PortLease
+from lab.qemu.machine import Machine, MachineConfig, Option
 
 UNLIMITED = 1 << 40  # bytes/s: "no limit" for max-bandwidth
+LOOPBACK = "127.0.0.1"  # where a destination on this host listens for a tcp migration
 POLL_SECONDS = 0.1
 RUNNING_SECONDS = 30.0  # base, scaled by the accelerator: the destination resumes the guest
 TERMINAL = ("completed", "failed", "cancelled")
@@ -43,7 +45,7 @@ class MigrationPlan:
     # bytes/s of the background page stream once in postcopy (None: unlimited); pages somebody
     # faulted on are sent at once whatever the limit, so a low one leaves pages missing for longer
     postcopy_bandwidth: int | None = None
-    transport: str = "unix"  # "unix" (a socket in the destination's workdir) or "tcp" (loopback)
+    transport: str = "unix"  # "unix" (a socket in the destination's workdir) or "tcp" (its address)
     cancel: bool = False  # cancel after `passes` instead of finishing
     stall_seconds: float = 60.0
 
@@ -78,7 +80,7 @@ class MigrationResult:
         self.problems.extend(problems)
 
     def summary(self) -> str:
-        parts = [f"{self.mode} {self.status}"]
+        parts = [self.mode if self.mode == self.status else f"{self.mode} {self.status}"]
         if self.total_ms is not None:
             parts.append(f"total {self.total_ms / 1000:.1f} s")
         if self.downtime_ms is not None:
@@ -101,38 +103,43 @@ def destination_config(source: MachineConfig, name: str, workdir: Path, options:
     return dataclasses.replace(source, name=name, workdir=workdir, options=options, incoming="defer")
 
 
-def migrate(source: Machine, destination: Machine, plan: MigrationPlan) -> MigrationResult:
-    """Migrate the running `source` guest into the launched `destination` (incoming=defer)."""
+def migrate(source: Machine, destination: Machine, plan: MigrationPlan, address: str = LOOPBACK) -> MigrationResult:
+    """Migrate the running `source` guest into the launched `destination` (incoming=defer);
+    over tcp the destination listens on `address`, where the source's host reaches it."""
     src, dst = _qmp(source), _qmp(destination)
-    capabilities = [{"capability": "events", "state": True}]
-    if plan.postcopy:
-        capabilities.append({"capability": "postcopy-ram", "state": True})
+    # postcopy-ram set either way: a guest that arrived by postcopy keeps the capability on, and
+    # its next precopy would then fail against a destination without it
+    capabilities = [{"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": plan.postcopy}]
     for side in (src, dst):
         side.cmd("migrate-set-capabilities", capabilities=capabilities)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": plan.limit_bandwidth or UNLIMITED,
                                          "max-postcopy-bandwidth": plan.postcopy_bandwidth or 0,
                                          "downtime-limit": plan.downtime_limit_ms})
-    lease = None
     if plan.transport == "tcp":
-        lease = PortLease()
-        uri = f"tcp:127.0.0.1:{lease.port}"
+        # port 0: the destination binds a free port itself, on whichever host it runs
+        dst.cmd("migrate-incoming", uri=f"tcp:{address}:0")
+        uri = _incoming_tcp_uri(dst)
     elif plan.transport == "unix":
         uri = f"unix:{destination.config.socket_path('migration.sock')}"
+        dst.cmd("migrate-incoming", uri=uri)
     else:
         raise LabError(f"migration transport {plan.transport!r} is neither unix nor tcp")
-    try:
-        dst.cmd("migrate-incoming", uri=uri)
-        result = MigrationResult(mode="postcopy" if plan.postcopy else "precopy", status="setup")
-        result.marks.append(Mark(time.time(), "migrate"))
-        src.cmd("migrate", uri=uri)
-        info = _follow(source, plan, result)
-    finally:
-        if lease is not None:
-            lease.release()
+    result = MigrationResult(mode="postcopy" if plan.postcopy else "precopy", status="setup")
+    result.marks.append(Mark(time.time(), "migrate"))
+    src.cmd("migrate", uri=uri)
+    info = _follow(source, plan, result)
     _record(result, info, plan)
     if result.status == "completed":
         _check_sides(source, destination, result)
     return result
+
+
+def _incoming_tcp_uri(dst) -> str:
+    """Where the destination listens: query-migrate's socket-address has the port it bound."""
+    for address in dst.cmd("query-migrate").get("socket-address", []):
+        if address.get("type") == "inet":
+            return f"tcp:{address['host']}:{address['port']}"
+    raise LabError("the migration destination reports no TCP address it listens on")
 
 
 def _follow(source: Machine, plan: MigrationPlan, result: MigrationResult) -> dict:
