@@ -13,7 +13,7 @@ import sys
 
 from lab.errors import LabError
 
-COMMANDS = ("doctor", "image", "bench", "backend", "demo", "up", "ls", "ssh", "console", "qmp", "io", "down", "repro", "trace", "fuzz")
+COMMANDS = ("doctor", "image", "bench", "backend", "demo", "up", "ls", "ssh", "console", "qmp", "io", "migrate", "down", "repro", "trace", "fuzz")
 
 
 def build_parser() -> argparse.ArgumentParser:

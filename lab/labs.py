@@ -7,6 +7,11 @@ image, io.json (the workloads `lab io` started) and manifest.json + repro.sh. Th
 started detached (no parent-death signal) so they outlive the command; any later `lab` command
 finds them by pid, checked against the recorded start time so a recycled pid is never
 signalled. A lab whose processes are all gone is stale: `lab ls` says so, `lab down` cleans it.
+
+The guest and its back end form a side: a directory of the lab (`Lab.vm`, "vm" for the first)
+with QEMU's workdir and the back end's socket, log and trace. `lab migrate` starts the next
+side ("vm1", ...) next to the running one, both recorded while the migration runs, and retires
+the side the guest left; every command reaches the guest through `Lab.vm` and `ssh_port`.
 """
 
 from __future__ import annotations
@@ -68,13 +73,14 @@ class Proc:
     start: int  # kernel start time: the same pid later is another process
     argv: list[str]
     log: str
+    side: str = ""  # the side (Lab.vm) it belongs to; "" in state written before sides existed
 
     @classmethod
-    def record(cls, role: str, pid: int, argv: list[str], log: Path | str) -> Proc:
+    def record(cls, role: str, pid: int, argv: list[str], log: Path | str, side: str = "") -> Proc:
         start = start_time(pid)
         if start is None:
             raise LabError(f"{role} (pid {pid}) exited right after it started; log {log}:\n{tail(Path(log), 5)}")
-        return cls(role, pid, start, list(argv), str(log))
+        return cls(role, pid, start, list(argv), str(log), side)
 
     def alive(self) -> bool:
         """Running, and the very process recorded (a zombie nobody reaped counts as gone)."""
@@ -113,12 +119,12 @@ class Lab:
     key: str = ""  # SSH private key of the guest image
     ssh_port: int | None = None
     guest_serial: str | None = None  # how the guest names the data disk (None: the scsi disk)
-    phase: str = "starting"  # starting (lab up at work), up, failed
-    owner: int = 0  # pid of the command bringing it up, while starting
+    phase: str = "starting"  # starting (lab up at work), up, migrating (lab migrate at work), failed
+    owner: int = 0  # pid of the command bringing it up or migrating it, while it works
     created: float = dataclasses.field(default_factory=time.time)
     procs: list[Proc] = dataclasses.field(default_factory=list)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # mem, smp, queues, ...
-    vm: str = "vm"  # the guest's workdir inside the lab directory
+    vm: str = "vm"  # the side the guest runs on: its workdir inside the lab directory
 
     # -- places --------------------------------------------------------------------------------
     @property
@@ -194,14 +200,15 @@ class Lab:
         self.save()
 
     def status(self) -> str:
-        """running, starting, degraded (some processes gone), failed or stale (all gone)."""
+        """running, starting, migrating, degraded (some processes gone, or a migration that
+        died half-way), failed or stale (all gone)."""
         alive = [p.alive() for p in self.procs]
-        if self.phase == "starting" and self.owner and start_time(self.owner) is not None:
-            return "starting"
+        if self.phase in ("starting", "migrating") and self.owner and start_time(self.owner) is not None:
+            return self.phase
         if self.phase == "up" and alive and all(alive):
             return "running"
         if any(alive):
-            return "degraded" if self.phase == "up" else "failed"
+            return "degraded" if self.phase in ("up", "migrating") else "failed"
         return "stale"
 
     def require_running(self) -> Lab:
@@ -210,11 +217,20 @@ class Lab:
             raise LabError(f"lab {self.name} is {state}, not running; `lab ls` shows why, `lab down {self.name}` cleans up")
         return self
 
+    def next_side(self) -> str:
+        """A name for a new side: vm1, vm2, ... (never one in use or left behind on disk)."""
+        taken = {self.vm, *(p.side for p in self.procs)}
+        return next(f"vm{n}" for n in range(1, 10_000) if f"vm{n}" not in taken and not self.path(f"vm{n}").exists())
+
+    def side_procs(self, side: str) -> list[Proc]:
+        return [p for p in self.procs if (p.side or self.vm) == side]
+
     # -- teardown --------------------------------------------------------------------------------
-    def stop(self) -> list[str]:
-        """Stop every process: QEMU first (QMP quit, then signals), back ends after it."""
+    def stop(self, procs: list[Proc] | None = None) -> list[str]:
+        """Stop `procs` (default: every process): QEMU first (QMP quit, then signals), back ends
+        after it."""
         stopped = []
-        for proc in sorted(self.procs, key=lambda p: p.role != "qemu"):
+        for proc in sorted(self.procs if procs is None else procs, key=lambda p: p.role != "qemu"):
             if not proc.alive():
                 continue
             if proc.role == "qemu":
@@ -223,10 +239,19 @@ class Lab:
             stopped.append(f"{proc.role} pid {proc.pid}")
         return stopped
 
+    def retire(self, side: str) -> list[str]:
+        """Stop the processes of `side` and forget them."""
+        procs = self.side_procs(side)
+        stopped = self.stop(procs)
+        self.procs = [p for p in self.procs if p not in procs]
+        self.save()
+        return stopped
+
     def _quit_qemu(self, proc: Proc) -> None:
         from lab.qemu.qmp import QMP  # QMP pulls in qemu.qmp: only for labs that still run
 
-        qmp = QMP(self.qmp_socket, self.vm_dir / "qmp.jsonl")
+        workdir = self.path(proc.side or self.vm)
+        qmp = QMP(workdir / "qmp.sock", workdir / "qmp.jsonl")
         try:
             qmp.connect(5.0, alive=proc.alive)
             qmp.quit(timeout=QUIT_SECONDS)
@@ -280,18 +305,20 @@ def claim(lab: Lab) -> Lab:
     return lab
 
 
-def bring_up(lab: Lab, backends: list[Any], config: Any) -> Any:
-    """Start `backends` (BackendProcess) then the guest (MachineConfig) detached, recording
-    each process in `lab` as soon as it exists; return the ready Machine (the caller releases
-    it). On any failure or Ctrl-C everything started is stopped and the lab marked failed."""
+def launch_side(lab: Lab, side: str, backends: list[Any], config: Any) -> Any:
+    """Start `backends` (BackendProcess) then QEMU (MachineConfig, its workdir lab.path(side))
+    detached, recording each process in `lab` as part of `side` as soon as it exists; return the
+    launched Machine, not waited for (the caller waits and releases it). On any failure or
+    Ctrl-C whatever was started is stopped, reaped and forgotten."""
     from lab.qemu.machine import Machine  # the machine layer: only for commands that boot
 
+    lab.path(side).mkdir(parents=True, exist_ok=True)
     machine = None
     try:
         for backend in backends:
             backend.detached = True
             backend.launch()
-            lab.add(Proc.record("backend", backend.pid, backend.argv(), backend.log))
+            lab.add(Proc.record("backend", backend.pid, backend.argv(), backend.log, side))
             backend.wait_ready()
         config.detached = True
         machine = Machine(config)
@@ -299,7 +326,24 @@ def bring_up(lab: Lab, backends: list[Any], config: Any) -> Any:
             machine.launch()
         finally:
             if machine.proc is not None and machine.alive():
-                lab.add(Proc.record("qemu", machine.pid, machine.argv, config.path("qemu.log")))
+                lab.add(Proc.record("qemu", machine.pid, machine.argv, config.path("qemu.log"), side))
+        return machine
+    except BaseException:
+        if machine is not None:
+            machine.shutdown()
+        for backend in backends:
+            backend.stop()  # reaps what this process started
+        lab.retire(side)
+        raise
+
+
+def bring_up(lab: Lab, backends: list[Any], config: Any) -> Any:
+    """Launch the lab's first side (launch_side) and wait for its guest to boot; return the
+    ready Machine (the caller releases it). On any failure or Ctrl-C everything started is
+    stopped and the lab marked failed."""
+    machine = None
+    try:
+        machine = launch_side(lab, lab.vm, backends, config)
         lab.ssh_port = machine.ssh_port
         lab.save()
         machine.wait_ready()
@@ -315,3 +359,15 @@ def bring_up(lab: Lab, backends: list[Any], config: Any) -> Any:
         if isinstance(exc, LabError):
             raise LabError(f"lab {lab.name} did not come up: {exc}\n(logs in {lab.dir}; `lab down {lab.name}` removes them)") from None
         raise
+
+
+def attach(config: Any, monitor: Any) -> Any:
+    """The lab's running QEMU, started by an earlier command, as a Machine (of `config`, a
+    MachineConfig) that talks to it through `monitor` (a QMP, connected here): enough to migrate
+    it. The process is not this one's child: shutdown() only disconnects."""
+    from lab.qemu.machine import Machine
+
+    machine = Machine(config)
+    monitor.connect(10.0)
+    machine.qmp = monitor
+    return machine

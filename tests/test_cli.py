@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -13,9 +14,10 @@ import pytest
 
 from lab import labs
 from lab.cli import COMMANDS, build_parser
+from lab.errors import LabError
 from lab.qemu.process import spawn
 
-LAB_COMMANDS = ("up", "ls", "ssh", "console", "qmp", "io", "down", "repro", "trace")
+LAB_COMMANDS = ("up", "ls", "ssh", "console", "qmp", "io", "migrate", "down", "repro", "trace")
 
 
 def run_lab(*args: str, state: Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -52,6 +54,11 @@ def test_every_command_is_registered_and_explains_itself() -> None:
     (["io", "x"], "one of the arguments --workload --verify"),
     (["trace", "show", "/nonexistent.jsonl"], "cannot read trace"),
     (["repro", "/nonexistent/manifest.json"], "no manifest"),
+    (["migrate", "x", "--bandwidth", "12Q"], "not a bandwidth like 32M"),
+    (["migrate", "x", "--bandwidth", "100K"], "at least 1M"),
+    (["migrate", "x", "--after-passes", "0"], "at least 1"),
+    (["migrate"], "the following arguments are required: name"),
+    (["migrate", "nosuchlab", "--postcopy"], "no lab named 'nosuchlab'"),
 ])
 def test_argument_errors_are_one_line(args: list[str], needle: str, state: Path) -> None:
     result = run_lab(*args, state=state)
@@ -59,6 +66,24 @@ def test_argument_errors_are_one_line(args: list[str], needle: str, state: Path)
     assert needle in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("lab")]) == 1, result.stderr
+
+
+def test_migration_plans_from_the_flags() -> None:
+    from lab.commands.migrate import bandwidth, plan_from
+    from lab.migration_job import POSTCOPY, PRECOPY
+    from lab.qemu.migration import UNLIMITED
+
+    assert [bandwidth(t) for t in ("32M", "1.5G", "64MiB/s", "1048576", "unlimited")] == [
+        32 << 20, 3 << 29, 64 << 20, 1 << 20, UNLIMITED]
+    parse = build_parser().parse_args
+    assert plan_from(parse(["migrate", "x"])) == PRECOPY
+    assert plan_from(parse(["migrate", "x", "--postcopy"])) == dataclasses.replace(POSTCOPY, postcopy_bandwidth=None)
+    plan = plan_from(parse(["migrate", "x", "--postcopy", "--after-passes", "3", "--bandwidth", "8M",
+                            "--postcopy-bandwidth", "4M"]))
+    assert (plan.postcopy, plan.passes, plan.limit_bandwidth, plan.downtime_limit_ms, plan.postcopy_bandwidth) == (
+        True, 3, 8 << 20, 1, 4 << 20)
+    with pytest.raises(LabError, match="needs --postcopy"):
+        plan_from(parse(["migrate", "x", "--postcopy-bandwidth", "4M"]))
 
 
 def detached_sleeper() -> int:
@@ -101,6 +126,50 @@ def test_ls_tells_running_from_stale_and_down_all_cleans(state: Path) -> None:
     assert labs.lab_names() == []
     for pid in (live, half.procs[1].pid):
         os.waitpid(pid, 0)  # our child: reaped here, so it must have died
+
+
+def test_migrate_refuses_what_it_cannot_move(state: Path) -> None:
+    """Labs that are not running, not started by `lab up`, or cannot do postcopy: one line each,
+    and the lab is left as it was."""
+    pid = detached_sleeper()
+    make_lab("gone", [])
+    make_lab("recorded", [pid])  # `lab repro --keep`: recorded command lines, no lab up details
+    lab = make_lab("qsd", [pid])
+    lab.backend, lab.details = "qsd", {"mem_mib": 512, "smp": 2, "queues": 1}
+    lab.save()
+    try:
+        for args, needle in [(["gone"], "lab gone is stale, not running"),
+                             (["recorded"], "lab migrate moves labs started by lab up"),
+                             (["qsd", "--postcopy"], "qemu-storage-daemon cannot do postcopy")]:
+            result = run_lab("migrate", *args, state=state)
+            assert result.returncode == 1 and needle in result.stderr, result.stderr
+            assert len(result.stderr.splitlines()) == 1 and not result.stdout, result.stderr + result.stdout
+        assert labs.Lab.load("qsd").status() == "running" and labs.Lab.load("qsd").vm == "vm"
+    finally:
+        for name in ("gone", "recorded", "qsd"):
+            labs.Lab.load(name).remove()
+        os.waitpid(pid, 0)
+
+
+def test_a_lab_being_migrated(state: Path) -> None:
+    """While `lab migrate` works on a lab, `lab ls` says so and other commands wait for it; a
+    migration whose command died half-way leaves a degraded lab for `lab down`."""
+    pid = detached_sleeper()
+    lab = make_lab("moving", [pid])
+    lab.phase, lab.owner = "migrating", os.getpid()
+    lab.save()
+    try:
+        assert run_lab("ls", state=state).stdout.splitlines()[1].split()[:2] == ["moving", "migrating"]
+        busy = run_lab("ssh", "moving", state=state)
+        assert busy.returncode == 1 and "lab moving is migrating, not running" in busy.stderr
+        finished = subprocess.Popen(["true"])
+        finished.wait()
+        lab.owner = finished.pid  # the migrating command is gone
+        lab.save()
+        assert labs.Lab.load("moving").status() == "degraded"
+    finally:
+        labs.Lab.load("moving").remove()
+        os.waitpid(pid, 0)
 
 
 def test_a_recycled_pid_is_not_ours(state: Path) -> None:

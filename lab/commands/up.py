@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import random
 import re
+from pathlib import Path
 
+from images import ImageInfo
 from images.builder import ensure_image
 from lab import labs
 from lab.backends import QSD_SERIAL, REPO, SCSI_KIND, BackendProcess, ScsiLun, backend_available
 from lab.errors import LabError
 from lab.manifest import Manifest, qemu_version
+from lab.qemu.accel import Accel
 from lab.qemu.machine import (
     MachineConfig,
     Option,
@@ -72,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", type=lab_name, help="lab name (default lab1, lab2, ...)")
     parser.add_argument("--seed", type=lambda t: int(t, 0), help="seed of the stamped workloads (default: random)")
     parser.add_argument("--postcopy-ready", action="store_true",
-                        help="enable QEMU's postcopy-ram migration capability now (not with --backend qsd, whose "
-                             "postcopy is broken on QEMU 7.2)")
+                        help="enable QEMU's postcopy-ram migration capability now, for migrations driven by hand "
+                             "through `lab qmp` (`lab migrate` sets it for each migration itself; not with "
+                             "--backend qsd, whose postcopy is broken on QEMU 7.2)")
     parser.set_defaults(func=run)
 
 
@@ -89,11 +93,11 @@ def run(args: argparse.Namespace) -> int:
     lab = labs.claim(labs.Lab(name=name, backend=args.backend, disk="", seed=seed, key=str(image.key)))
     disk = create_raw_image(lab.path("disk.img"), args.disk)
     lab.disk = str(disk)
-    backends, options, lab.guest_serial = storage(args.backend, lab, args.queues)
+    lab.guest_serial = guest_serial(lab)
     lab.details = {"disk_mib": args.disk, "queues": args.queues, "mem_mib": args.mem, "smp": args.smp,
                    "postcopy_ready": args.postcopy_ready}
     lab.save()
-    config = MachineConfig(name=name, image=image, workdir=lab.vm_dir, mem_mib=args.mem, smp=args.smp, options=options)
+    backends, config = side(lab, lab.vm, image)
     print(f"lab {name}: booting a guest with a {args.disk} MiB {args.backend} disk (under TCG this takes a while) ...",
           flush=True)
     machine = labs.bring_up(lab, backends, config)
@@ -121,19 +125,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def storage(backend: str, lab: labs.Lab, queues: int) -> tuple[list[BackendProcess], list[Option], str | None]:
-    """The back end processes, QEMU options and guest-visible serial of the lab's data disk."""
-    socket, log, trace = str(lab.path("vu.sock")), lab.path("backend.log"), str(lab.path("trace.jsonl"))
-    serial = f"lab-{lab.name}"[:20]
-    if backend == "builtin":
-        return [], virtio_blk_disk("data", lab.disk, serial), serial
-    if backend == "scsi":
+def side(lab: labs.Lab, name: str, image: ImageInfo, accel: Accel | None = None,
+         incoming: str | None = None) -> tuple[list[BackendProcess], MachineConfig]:
+    """One side of `lab` (`lab up` starts the first, `lab migrate` the next ones): its back end
+    processes and its QEMU, both in the side's directory lab.path(name), on the lab's one data
+    disk. Every side's guest is the same machine: only the paths (and `incoming`) differ."""
+    workdir = lab.path(name)
+    backends, options = storage(lab, workdir)
+    config = MachineConfig(name=lab.name, image=image, workdir=workdir, mem_mib=lab.details["mem_mib"],
+                           smp=lab.details["smp"], options=options, accel=accel, incoming=incoming)
+    return backends, config
+
+
+def guest_serial(lab: labs.Lab) -> str | None:
+    """How the guest names the data disk (None: the scsi disk, which has no serial)."""
+    return {"scsi": None, "qsd": QSD_SERIAL}.get(lab.backend, f"lab-{lab.name}"[:20])
+
+
+def storage(lab: labs.Lab, workdir: Path) -> tuple[list[BackendProcess], list[Option]]:
+    """The back end processes (socket, log and trace in `workdir`) and QEMU options of the
+    lab's data disk."""
+    socket, log, trace = str(workdir / "vu.sock"), workdir / "backend.log", str(workdir / "trace.jsonl")
+    queues, serial = lab.details["queues"], guest_serial(lab)
+    if lab.backend == "builtin":
+        return [], virtio_blk_disk("data", lab.disk, serial)
+    if lab.backend == "scsi":
         process = BackendProcess(kind=SCSI_KIND, socket=socket, log=log, luns=(ScsiLun(0, 0, lab.disk),),
                                  queues=queues, extra=("--trace", trace))
-        return [process], vhost_user_scsi_disk("vu0", socket, queues), None
-    if backend == "qsd":
-        process = BackendProcess(kind="qsd", socket=socket, log=log, image=lab.disk, queues=queues)
-        return [process], vhost_user_blk_disk("vu0", socket, queues), QSD_SERIAL
+        return [process], vhost_user_scsi_disk("vu0", socket, queues)
+    # a migration's destination opens the disk while the source still serves it
+    if lab.backend == "qsd":
+        process = BackendProcess(kind="qsd", socket=socket, log=log, image=lab.disk, queues=queues, shared_image=True)
+        return [process], vhost_user_blk_disk("vu0", socket, queues)
     process = BackendProcess(kind="ours", socket=socket, log=log, image=lab.disk, queues=queues, serial=serial,
                              extra=("--trace", trace))
-    return [process], vhost_user_blk_disk("vu0", socket, queues), serial
+    return [process], vhost_user_blk_disk("vu0", socket, queues)
