@@ -47,7 +47,6 @@ from lab.errors import LabError, TimeoutExpired
 from lab.guest.ssh import GuestSSH
 from lab.qemu.machine import (
     QMP_UP_SECONDS,
-    QUIT_SECONDS,
     SSH_AFTER_MARKER_SECONDS,
     Machine,
     MachineConfig,
@@ -359,20 +358,15 @@ class RemoteMachine(Machine):
         self.boot_seconds = time.monotonic() - self._launched_at
         return self.boot_seconds
 
-    def shutdown(self) -> int | None:
-        """QMP quit, then the leash's SIGTERM and SIGKILL of the group there; safe to repeat."""
-        self._close_ssh()
-        if self.proc is not None and self.returncode is None:
-            if self.qmp is not None and self.qmp.connected and self.alive():
-                self.qmp.quit(timeout=self.scaled(QUIT_SECONDS))
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=self.scaled(QUIT_SECONDS))
-            self.returncode = self.proc.stop()
-        self._forget()
+    def _stop_group(self, term_grace: float = 3.0) -> int:
+        """The leash's SIGTERM and SIGKILL of the group there (its own grace)."""
+        return self.proc.stop()
+
+    def _forget(self) -> None:
+        super()._forget()
         if self._forward is not None:
             self._forward.close()
             self._forward = None
-        return self.returncode
 
     @property
     def ssh_port(self) -> int:

@@ -372,7 +372,7 @@ class Machine:
                     self.proc.wait(timeout=self.scaled(QUIT_SECONDS))
                 except subprocess.TimeoutExpired:
                     pass  # SIGTERM, then SIGKILL, take over
-            self.returncode = process.stop_group(self.proc)
+            self.returncode = self._stop_group()
         self._forget()
         return self.returncode
 
@@ -380,9 +380,13 @@ class Machine:
         """SIGKILL the group at once (a QEMU that cannot quit: vCPUs stuck on missing pages)."""
         self._close_ssh()
         if self.proc is not None and self.returncode is None:
-            self.returncode = process.stop_group(self.proc, term_grace=0)
+            self.returncode = self._stop_group(term_grace=0)
         self._forget()
         return self.returncode
+
+    def _stop_group(self, term_grace: float = 3.0) -> int:
+        """SIGTERM QEMU's process group, SIGKILL after `term_grace`; reaped."""
+        return process.stop_group(self.proc, term_grace)
 
     def release(self) -> None:
         """Let a detached QEMU run on after this process: drop the SSH and QMP connections and
