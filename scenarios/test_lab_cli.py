@@ -103,6 +103,7 @@ def test_up_io_trace_migrate_down(lab_env: dict, tmp_path: Path) -> None:
         if side == "vm2":
             assert run_lab("ssh", "e2e", "test -e /root/lab-io-1.rc || echo writing", env=lab_env).stdout.strip() \
                 == "writing", "the workload ended before the first migration: it proves nothing about the new side"
+    use_console(lab_env, "e2e")  # on the side the guest moved to
     verified = run_lab("io", "e2e", "--verify", env=lab_env)  # waits for the writer, then checks the image
     assert "verified: 300 stamped blocks of 1 workloads bit-exact" in verified.stdout
     run_lab("io", "e2e", "--workload", "stamps", "--blocks", "100", "--first-lba", "2000", env=lab_env)
@@ -147,6 +148,24 @@ def cancel_with_ctrl_c(lab_env: dict, lab: labs.Lab) -> None:
     assert (after.vm, after.procs, after.status()) == (before.vm, before.procs, "running")
     assert not any(p.alive() for p in destination)
     assert json.loads(run_lab("qmp", lab.name, "query-status", env=lab_env).stdout)["status"] == "running"
+
+
+def use_console(lab_env: dict, name: str) -> None:
+    """`lab console` in a terminal: a command typed there runs in the guest, Ctrl-] leaves and
+    the guest runs on."""
+    child = pexpect.spawn(sys.executable, ["-m", "lab", "console", name], env=lab_env, cwd=str(REPO),
+                          encoding="utf-8", timeout=60)
+    try:
+        child.expect(f"connected to {name}'s console; Ctrl-] leaves")
+        child.sendline("echo console-$((6 * 7))")
+        child.expect("console-42")
+        child.send("\x1d")
+        child.expect(f"left {name}'s console")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, child.before
+    assert json.loads(run_lab("qmp", name, "query-status", env=lab_env).stdout)["status"] == "running"
 
 
 def processes_naming(path: Path) -> list[str]:
