@@ -29,9 +29,9 @@ class Result:
 
 
 class CommandFailed(LabError):
-    def __init__(self, result: Result) -> None:
+    def __init__(self, result: Result, where: str) -> None:
         detail = (result.stderr.strip() or result.stdout.strip())[-2000:]
-        super().__init__(f"guest command exited {result.exit_status}: {result.command}\n{detail}")
+        super().__init__(f"command on {where} exited {result.exit_status}: {result.command}\n{detail}")
         self.result = result
 
 
@@ -92,7 +92,7 @@ class GuestSSH:
                     break
                 elif time.monotonic() > deadline:
                     raise TimeoutExpired(
-                        f"guest command still running after {timeout:.0f}s: {command}\n"
+                        f"command on {self.where} still running after {timeout:.0f}s: {command}\n"
                         f"{bytes(err or out)[-1000:].decode(errors='replace')}"
                     )
                 else:
@@ -107,7 +107,7 @@ class GuestSSH:
         result = Result(command, status, out.decode(errors="replace"), err.decode(errors="replace"))
         log.debug("guest %r -> %d", command, status)
         if check and status != 0:
-            raise CommandFailed(result)
+            raise CommandFailed(result, self.where)
         return result
 
     def disk_by_serial(self, serial: str, timeout: float = 10.0) -> str:
