@@ -10,7 +10,9 @@ faults; the target is precopy total time with ours at most 1.2x that with QSD.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from images.builder import ensure_image
@@ -29,15 +31,23 @@ TARGET_RATIO = 1.2
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("migration", help="migration times: precopy ours vs QSD, postcopy ours")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where the runs' timelines (PNG + JSON) are kept (default: a new "
+                             "lab-bench-migration-DATE-TIME directory here)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out or Path(f"lab-bench-migration-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LabError(f"--out {out}: {exc.strerror}") from None
     image = ensure_image(progress=progress)
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="lab-bench-migration-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lab-bench-migration-") as tmp:  # disks, logs: gone after
         for name, kind, postcopy in RUNS:
-            rows[name] = measure(image, Path(tmp) / name, kind, postcopy)
+            rows[name] = measure(image, Path(tmp) / name, kind, postcopy, out / name)
             progress(f"bench migration: {name}: {rows[name]['summary']}")
     ours, qsd = rows["precopy-ours"]["total_ms"], rows["precopy-qsd"]["total_ms"]
     ratio = round(ours / qsd, 3) if ours and qsd else None
@@ -46,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"{name:14} {row['summary']}" + ("" if row["ok"] else f"  FAILED: {row['problems'][:2]}")
              for name, row in rows.items()]
     lines.append(f"precopy total time ours/qsd = {ratio} (target <= {TARGET_RATIO})")
+    lines.append(f"timelines (PNG + JSON): {out.resolve()}")
     emit(result, args.json, lines)
     return 0 if all(row["ok"] for row in rows.values()) else 1
 
 
-def measure(image, workdir: Path, kind: str, postcopy: bool) -> dict:
+def measure(image, workdir: Path, kind: str, postcopy: bool, timeline: Path) -> dict:
+    """One run in `workdir`; its timeline kept as `timeline`.png and .json."""
     workdir.mkdir(parents=True)
     disk = create_raw_image(workdir / "disk.img", DISK_MIB)
     job = MigrationJob(JobConfig(image, workdir, disk, kind=kind, trace=False))
@@ -69,5 +81,7 @@ def measure(image, workdir: Path, kind: str, postcopy: bool) -> dict:
         return {"ok": False, "problems": [str(exc)], "summary": f"failed: {exc}".splitlines()[0], "total_ms": None}
     finally:
         job.close()
+    for kept in (hop.timeline_png, hop.timeline_json):
+        shutil.copyfile(kept, timeline.with_suffix(kept.suffix))
     return {**{k: v for k, v in result.to_json().items() if k != "marks"}, "summary": result.summary(),
-            "timeline": str(hop.timeline_png)}
+            "timeline": str(timeline.with_suffix(".png").resolve())}
