@@ -1,6 +1,7 @@
-"""`lab migrate NAME [--postcopy] [--after-passes K] [--bandwidth B]`: live-migrate a lab's guest
-to a fresh side, a new QEMU (started with -incoming defer) and a new back end process of the
-same kind on the same disk image, both detached and recorded in the lab's state like `lab up`'s.
+"""`lab migrate NAME [--postcopy] [--after-passes K] [--bandwidth B] [--postcopy-bandwidth B]`:
+live-migrate a lab's guest to a fresh side, a new QEMU (started with -incoming defer) and a new
+back end process of the same kind on the same disk image, both detached and recorded in the
+lab's state like `lab up`'s.
 
 Progress is printed from the source's query-migrate answers (lab.qemu.migration polls them; the
 source's monitor here shows each one and every command migrate() sends). When the migration
