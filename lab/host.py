@@ -6,9 +6,11 @@ of each binary it runs so a missing one fails with the fix in the message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,33 @@ def install_command(packages: list[str]) -> list[str]:
     return ["apt-get", "install", "-y", "--no-install-recommends", *packages]
 
 
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+NO_SERVICES = "#!/bin/sh\n# written by `lab doctor --fix` while it installs: no service starts\nexit 101\n"
+
+
 def install(packages: list[str]) -> None:
-    """Install packages with apt (root only); the package index is refreshed first."""
+    """Install packages with apt (root only); the package index is refreshed first. The lab
+    needs their programs, never their services (openssh-server would start an sshd on the
+    host): while apt runs, a policy-rc.d tells the maintainer scripts not to start any, unless
+    the host has a policy of its own."""
+    with _no_services():
+        _apt(packages)
+
+
+@contextlib.contextmanager
+def _no_services() -> Iterator[None]:
+    if POLICY_RC_D.exists():
+        yield
+        return
+    POLICY_RC_D.write_text(NO_SERVICES)
+    POLICY_RC_D.chmod(0o755)
+    try:
+        yield
+    finally:
+        POLICY_RC_D.unlink(missing_ok=True)
+
+
+def _apt(packages: list[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update"], install_command(packages)):
         done = subprocess.run(

@@ -383,3 +383,17 @@ def test_doctor_fix_without_root_prints_the_command_instead(
     monkeypatch.setattr(doctor.os, "geteuid", lambda: 1000)
     assert doctor.run(argparse.Namespace(fix=True)) == 1
     assert "apt-get install -y --no-install-recommends fio" in capsys.readouterr().err
+
+
+def test_installing_starts_no_service_and_keeps_a_hosts_own_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(host, "POLICY_RC_D", policy)
+    seen: list[str] = []
+    monkeypatch.setattr(host, "_apt", lambda packages: seen.append(policy.read_text()))
+    host.install(["openssh-server"])
+    assert "exit 101" in seen[0] and not policy.exists()  # denied while apt ran, gone after
+    policy.write_text("#!/bin/sh\nexit 0\n")
+    host.install(["openssh-server"])
+    assert seen[1] == "#!/bin/sh\nexit 0\n" and policy.read_text() == seen[1]
