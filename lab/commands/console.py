@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "console",
         help="attach this terminal to a lab's serial console",
         description="Attach to the lab's serial console (root shell on ttyS0). One client at a time; Ctrl-] "
-        "detaches and leaves the guest running. The whole console output is also in the lab's vm/console.log.",
+        "detaches and leaves the guest running. The whole console output is also in console.log in the directory "
+        "of the lab's current side (vm, then vm1, ... after each `lab migrate`).",
     )
     parser.add_argument("name", help="the lab")
     parser.set_defaults(func=run)

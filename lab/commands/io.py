@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import time
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def start(lab: labs.Lab, ssh: GuestSSH, args: argparse.Namespace) -> int:
     if args.background:
         rc, log = _guest_files(workload)
         script = f"rm -f {rc}; ({commands}) >{log} 2>&1; echo $? >{rc}"
-        ssh.run(f"nohup sh -c {shlex.quote(script)} >/dev/null 2>&1 </dev/null &")
+        ssh.start_detached(script)
     else:
         ssh.run(commands, timeout=args.timeout)
         workload["done"] = True

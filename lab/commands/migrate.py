@@ -52,6 +52,7 @@ from lab.qemu.migration import (
     check_backends,
     check_source_running,
     migrate,
+    monitor,
 )
 from lab.qemu.qmp import QMP
 
@@ -342,10 +343,10 @@ class Hop:
             return self.origin
         if self.backends:
             check_backends(result, {self.target: self.backends[0]})
-        state = _monitor(destination).cmd("query-status")["status"]
+        state = monitor(destination).cmd("query-status")["status"]
         if state != "running":
             if result.mode == "precopy":  # the guest never ran there: the source can take over again
-                _monitor(source).cmd("cont")
+                monitor(source).cmd("cont")
                 result.problems.append(f"the destination did not run the guest ({state}): the source was resumed")
                 return self.origin
             return self.target  # postcopy: the source's memory is stale, there is no way back
@@ -427,24 +428,18 @@ def _disconnect(sampler: timeline.IoSampler, source: Machine | None) -> None:
         source.shutdown()  # not our child: this only disconnects
 
 
-def _monitor(machine: Machine) -> QMP:
-    if machine.qmp is None:
-        raise LabError(f"machine {machine.config.name} has no QMP connection")
-    return machine.qmp
-
-
 def source_state(lab: labs.Lab) -> str:
     """The run state of the lab's current QEMU through a fresh QMP connection, waiting up to
     RESUME_SECONDS for "running" (a source whose destination died fails the migration and runs
     on)."""
-    monitor = QMP(lab.qmp_socket, lab.vm_dir / "qmp.jsonl")
+    qmp = QMP(lab.qmp_socket, lab.vm_dir / "qmp.jsonl")
     deadline = time.monotonic() + RESUME_SECONDS
     try:
-        monitor.connect(RESUME_SECONDS)
-        while (state := monitor.cmd("query-status")["status"]) != "running" and time.monotonic() < deadline:
+        qmp.connect(RESUME_SECONDS)
+        while (state := qmp.cmd("query-status")["status"]) != "running" and time.monotonic() < deadline:
             time.sleep(0.1)
     except LabError as exc:
         return f"unreachable ({exc})"
     finally:
-        monitor.close()
+        qmp.close()
     return state

@@ -139,10 +139,8 @@ class GuestDriver:
         inner = (f"python3 {shlex.quote(self.path)} {shlex.join(args)} > {run.file('report.tmp')} "
                  f"2> {run.file('stderr')}; echo $? > {run.file('status.tmp')}; "
                  f"mv {run.file('report.tmp')} {run.file('report.json')}; mv {run.file('status.tmp')} {run.file('status')}")
-        # only the run goes to the background, its output away from the SSH channel, which
-        # therefore closes when this command returns; setsid: no hangup when the connection dies
-        self.ssh.run(f"mkdir -p {shlex.quote(directory)} && "
-                     f"{{ setsid nohup sh -c {shlex.quote(inner)} > /dev/null 2>&1 < /dev/null & }}")
+        self.ssh.run(f"mkdir -p {shlex.quote(directory)}")
+        self.ssh.start_detached(inner)
         deadline = time.monotonic() + timeout
         while run.progress(self.ssh) is None:
             if time.monotonic() > deadline:

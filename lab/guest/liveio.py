@@ -86,12 +86,9 @@ class LiveIO:
         stamps.write(ssh, device, stamps.StampWrite(cfg.read_first, cfg.read_count, 1), cfg.seed)
         agent_cfg = {**dataclasses.asdict(cfg), "device": device, "dir": STATE, "block": stamps.BLOCK,
                      "readers": int(cfg.readers), "writers": int(cfg.writers)}
-        # only the agent goes to the background, its output away from the SSH channel, which
-        # therefore closes when this command returns
-        command = (f"mkdir -p {STATE} && cd {stamps.GUEST_DIR} && "
-                   f"{{ setsid nohup python3 -m {stamps.PACKAGE}.{MODULE} {shlex.quote(json.dumps(agent_cfg))} "
-                   f"> {STATE}/agent.log 2>&1 < /dev/null & }}")
-        ssh.run(command)
+        ssh.run(f"mkdir -p {STATE}")
+        ssh.start_detached(f"cd {stamps.GUEST_DIR} && exec python3 -m {stamps.PACKAGE}.{MODULE} "
+                           f"{shlex.quote(json.dumps(agent_cfg))}", log=f"{STATE}/agent.log")
         deadline = time.monotonic() + START_SECONDS
         while ssh.run(f"test -e {STATE}/ready", check=False).exit_status != 0:
             if time.monotonic() > deadline:

@@ -110,6 +110,13 @@ class GuestSSH:
             raise CommandFailed(result, self.where)
         return result
 
+    def start_detached(self, command: str, log: str = "/dev/null") -> None:
+        """Run shell `command` in the background there, output to `log`, and return at once.
+        Only the command goes to the background, its output away from the SSH channel, which
+        therefore closes when this returns; setsid and nohup: it outlives the connection (a
+        migration's source dies with its connections)."""
+        self.run(f"{{ setsid nohup sh -c {shlex.quote(command)} > {shlex.quote(log)} 2>&1 < /dev/null & }}")
+
     def disk_by_serial(self, serial: str, timeout: float = 10.0) -> str:
         """/dev path of the guest's virtio disk with this serial (names follow probe order)."""
         script = (

@@ -26,6 +26,7 @@ from pathlib import Path
 from lab.backends import TROUBLE, BackendProcess
 from lab.errors import LabError
 from lab.qemu.machine import Machine, MachineConfig, Option
+from lab.qemu.qmp import QMP
 
 UNLIMITED = 1 << 40  # bytes/s: "no limit" for max-bandwidth
 LOOPBACK = "127.0.0.1"  # where a destination on this host listens for a tcp migration
@@ -106,7 +107,7 @@ def destination_config(source: MachineConfig, name: str, workdir: Path, options:
 def migrate(source: Machine, destination: Machine, plan: MigrationPlan, address: str = LOOPBACK) -> MigrationResult:
     """Migrate the running `source` guest into the launched `destination` (incoming=defer);
     over tcp the destination listens on `address`, where the source's host reaches it."""
-    src, dst = _qmp(source), _qmp(destination)
+    src, dst = monitor(source), monitor(destination)
     # postcopy-ram set either way: a guest that arrived by postcopy keeps the capability on, and
     # its next precopy would then fail against a destination without it
     capabilities = [{"capability": "events", "state": True}, {"capability": "postcopy-ram", "state": plan.postcopy}]
@@ -144,7 +145,7 @@ def _incoming_tcp_uri(dst) -> str:
 
 def _follow(source: Machine, plan: MigrationPlan, result: MigrationResult) -> dict:
     """Poll query-migrate (and collect events) until a terminal status or a stall."""
-    src = _qmp(source)
+    src = monitor(source)
     switched = False
     last, moved = None, time.monotonic()
     while True:
@@ -227,14 +228,14 @@ def _record(result: MigrationResult, info: dict, plan: MigrationPlan) -> None:
 def _check_sides(source: Machine, destination: Machine, result: MigrationResult) -> None:
     """Completed means: destination running, source in postmigrate."""
     deadline = time.monotonic() + destination.scaled(RUNNING_SECONDS)
-    while (state := _qmp(destination).cmd("query-status")["status"]) != "running":
+    while (state := monitor(destination).cmd("query-status")["status"]) != "running":
         if time.monotonic() > deadline or state in ("internal-error", "guest-panicked", "shutdown"):
             result.problems.append(f"destination is {state!r}, not running")
             break
         time.sleep(POLL_SECONDS)
     else:
         result.marks.append(Mark(time.time(), "destination running"))
-    state = _qmp(source).cmd("query-status")["status"]
+    state = monitor(source).cmd("query-status")["status"]
     if state != "postmigrate":
         result.problems.append(f"source is {state!r}, not postmigrate")
 
@@ -255,11 +256,12 @@ def check_backends(result: MigrationResult, backends: Mapping[str, BackendProces
 
 def check_source_running(source: Machine) -> list[str]:
     """After a cancel the source must run on."""
-    state = _qmp(source).cmd("query-status")["status"]
+    state = monitor(source).cmd("query-status")["status"]
     return [] if state == "running" else [f"source is {state!r} after the cancel, not running"]
 
 
-def _qmp(machine: Machine):
+def monitor(machine: Machine) -> QMP:
+    """The machine's connected QMP; LabError if it has none."""
     if machine.qmp is None or not machine.qmp.connected:
         raise LabError(f"machine {machine.config.name} has no QMP connection")
     return machine.qmp
